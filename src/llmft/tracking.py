@@ -1,0 +1,116 @@
+"""MLflow run handling: one run per pipeline run, lineage tags, environment facts.
+
+`train` opens the run and writes its id to `tracking.run_id_file`; `evaluate` and `register` reopen
+it from there, so the MLflow UI shows params, curves, eval metrics and the model version together.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import LlmftError, TrackingConfig
+
+# Keys that may hold secrets are never logged, whatever their source.
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def setup(cfg: TrackingConfig) -> str:
+    """Point MLflow at the configured store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri:
+        location = Path(cfg.artifact_location).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+@contextmanager
+def start_run(cfg: TrackingConfig, new: bool = True):
+    """Open the pipeline's run: a new one (train) or the one named in run_id_file (later stages)."""
+    import mlflow
+
+    exp_id = setup(cfg)
+    run_id = None
+    if not new:
+        path = Path(cfg.run_id_file)
+        if not path.exists():
+            raise LlmftError(f"{path} not found: run `llmft train` first (it opens the MLflow run later stages log into)")
+        run_id = path.read_text().strip()
+    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.run_name if new else None) as run:
+        if new:
+            write_atomic(Path(cfg.run_id_file), run.info.run_id + "\n")
+        yield run
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def scrub(params: dict) -> dict:
+    return {k: v for k, v in params.items() if not any(m in k.lower().rsplit(".", 1)[-1] for m in SECRET_MARKERS)
+            or k.endswith("api_key_env")}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (subprocess.SubprocessError, FileNotFoundError):
+        return ""
+
+
+def lineage_tags(data_paths: list[str]) -> dict[str, str]:
+    """git commit + dirty flag, and the md5 that dvc.lock records for each data path read."""
+    tags = {"git.commit": _git("rev-parse", "HEAD") or "unknown",
+            "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()}
+    lock = Path("dvc.lock")
+    if lock.exists():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if any(out["path"].rstrip("/") == p.rstrip("/") for p in data_paths):
+                    tags[f"dvc.md5.{out['path']}"] = out.get("md5", "")
+    return tags
+
+
+def environment() -> dict[str, str]:
+    """Library versions and hardware, for reproducibility."""
+    import importlib.metadata as md
+
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu": platform.processor() or platform.machine(), "cpu_count": str(os.cpu_count())}
+    try:
+        with open("/proc/meminfo") as f:
+            env["ram_gb"] = f"{int(f.readline().split()[1]) / 2**20:.1f}"
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_count=str(torch.cuda.device_count()), gpu_mem_gb=f"{p.total_memory / 2**30:.1f}",
+                   cuda=str(torch.version.cuda))
+    else:
+        env["gpu"] = "none"
+    for lib in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "mlflow"):
+        try:
+            env[f"version.{lib}"] = md.version(lib)
+        except md.PackageNotFoundError:
+            pass
+    return env
