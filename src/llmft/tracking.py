@@ -33,18 +33,18 @@ def setup(cfg: TrackingConfig) -> str:
 
 
 @contextmanager
-def start_run(cfg: TrackingConfig, new: bool = True):
-    """Open the pipeline's run: a new one (train) or the one named in run_id_file (later stages)."""
+def start_run(cfg: TrackingConfig, new: bool = True, run_id: str | None = None):
+    """Open the pipeline's run: a new one (train), a given one (a resumed train), or the one named in
+    run_id_file (later stages)."""
     import mlflow
 
     exp_id = setup(cfg)
-    run_id = None
     if not new:
         path = Path(cfg.run_id_file)
         if not path.exists():
             raise LlmftError(f"{path} not found: run `llmft train` first (it opens the MLflow run later stages log into)")
         run_id = path.read_text().strip()
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.run_name if new else None) as run:
+    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.run_name if run_id is None else None) as run:
         if new:
             write_atomic(Path(cfg.run_id_file), run.info.run_id + "\n")
         yield run
@@ -61,9 +61,18 @@ def write_json(path: str | Path, obj) -> None:
     write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _secret(key: str) -> bool:
+    leaf = key.lower().rsplit(".", 1)[-1]
+    return any(m in leaf for m in SECRET_MARKERS) and not leaf.endswith("_env")
+
+
 def scrub(params: dict) -> dict:
-    return {k: v for k, v in params.items() if not any(m in k.lower().rsplit(".", 1)[-1] for m in SECRET_MARKERS)
-            or k.endswith("api_key_env")}
+    """Flat params without secret-looking keys (an env var's *name* is fine, its value never gets here)."""
+    return {k: v for k, v in params.items() if not _secret(k)}
+
+
+def scrub_nested(d: dict) -> dict:
+    return {k: scrub_nested(v) if isinstance(v, dict) else v for k, v in d.items() if not _secret(k)}
 
 
 def _git(*args: str) -> str:

