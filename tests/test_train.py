@@ -146,7 +146,9 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, pro
     run_train(tmp_path / "big", tiny_model_dir, processed, tracking_uri, **common, **{"train.batch_size": 8})
     run_train(tmp_path / "acc", tiny_model_dir, processed, tracking_uri, **common,
               **{"train.batch_size": 4, "train.grad_accum": 2})
-    assert max_diff(adapter(tmp_path / "big"), adapter(tmp_path / "acc")) < 1e-6
+    # fp32 sums in another order differ by ~1e-7, which Adam's 1/sqrt(v) scaling grows to ~1e-6; averaging
+    # per-micro-batch means instead would move the weights by ~lr * 10% = 1e-4.
+    assert max_diff(adapter(tmp_path / "big"), adapter(tmp_path / "acc")) < 1e-5
 
 
 def test_merge_matches_unmerged_logits(tmp_path, tiny_model_dir, processed, tracking_uri):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from .config import LlmftError, describe, load_config
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a params.yaml key")
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", default="", metavar="'k=v k=v'",
+                       help="overrides as one shell-quoted string (for MLproject entry points)")
     sub.add_parser("params", help="list every params.yaml key with its default and meaning")
     args = parser.parse_args(argv)
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} = {default}\n    {doc}")
         return 0
     try:
-        cfg = load_config(args.params, args.overrides)
+        cfg = load_config(args.params, [*shlex.split(args.set), *args.overrides])
         module, func, _ = VERBS[args.verb]
         getattr(importlib.import_module(module), func)(cfg)
     except LlmftError as e:

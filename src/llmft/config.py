@@ -350,6 +350,14 @@ def _check_type(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -371,6 +379,8 @@ def _build(cls, raw: dict, prefix: str, where):
             if not isinstance(value, dict):
                 raise LlmftError(f"{where(path)}: '{path}' must be a mapping")
             kwargs[key] = _build(tp, value, f"{path}.", where)
+        elif tp is float and isinstance(value, str) and _is_float(value):
+            kwargs[key] = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         elif not _check_type(value, tp):
             raise LlmftError(f"{where(path)}: '{path}' = {value!r} is not {_type_name(tp)}")
         else:
