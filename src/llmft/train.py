@@ -161,7 +161,9 @@ def build_trainer(cfg: Config):
         save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
         seed=tc.seed, data_seed=tc.seed, dataloader_num_workers=tc.dataloader_workers,
         include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=not is_main,
-        # Multi-process CPU runs (tests, laptops) need gloo; on GPUs the default is NCCL.
+        # Multi-process CPU runs need gloo, and use_cpu: without it accelerate sees no distributed setup
+        # and each process silently trains its own copy on all the data.
+        use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False if distributed else None,
     )
