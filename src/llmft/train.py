@@ -203,9 +203,13 @@ def train(cfg: Config) -> None:
 class LossCurve(TrainerCallback):
     """Streams train/validation loss to MLflow as it is logged; shows tokens/s in the progress bar."""
 
+    WARMUP_STEPS = 2  # compile / autotune / allocator warm-up, left out of the steady-state rate
+
     def __init__(self, trainer, run_id_file: Path):
         self.trainer, self.run_id_file, self.run_id = trainer, run_id_file, None
         self.t0, self.tokens0 = time.time(), 0
+        self.step_start, self.step_tokens0 = 0.0, 0
+        self.steady_time, self.steady_tokens, self.steps_seen = 0.0, 0, 0
 
     def previous_run_id(self, resume) -> str | None:
         """A resumed training continues the MLflow run of the killed one, so its curves stay together."""
@@ -226,7 +230,22 @@ class LossCurve(TrainerCallback):
     def tokens_per_s(self, state) -> float:
         return (state.num_input_tokens_seen - self.tokens0) / max(time.time() - self.t0, 1e-9)
 
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s of the optimizer steps alone (no validation, saving or warm-up): the speed to compare."""
+        return self.steady_tokens / self.steady_time if self.steady_time > 0 else None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.step_start, self.step_tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
     def on_step_end(self, args, state, control, **kw):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.steps_seen += 1
+        if self.steps_seen > self.WARMUP_STEPS:
+            self.steady_time += time.perf_counter() - self.step_start
+            self.steady_tokens += state.num_input_tokens_seen - self.step_tokens0
         if not state.is_world_process_zero:
             return
         for cb in self.trainer.callback_handler.callbacks:
@@ -264,12 +283,12 @@ def _log_start(cfg: Config, fingerprint: str, trainer, precision: str, base: str
     mlflow.log_text(yaml.safe_dump(tracking.scrub_nested(to_dict(cfg)), sort_keys=False), "config/params.resolved.yaml")
 
 
-def _peak_memory_gb() -> dict[str, float]:
+def _peak_memory() -> dict[str, float]:
     import torch
 
-    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # ru_maxrss is KiB
     if torch.cuda.is_available():
-        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
 
 
@@ -300,17 +319,19 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok)
         "tokens_seen": tokens, "runtime_s": round(runtime, 1),
         # This session's throughput (after a resume: tokens since the restart), model load excluded.
         "tokens_per_s": round(curve.tokens_per_s(state), 1),
+        "steady_tokens_per_s": round(curve.steady_tokens_per_s() or 0, 1),
         "resumed_from": resume or "",
-        **_peak_memory_gb(),
+        **_peak_memory(),
     }
     tracking.write_json(tc.metrics_file, metrics)
     mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     mlflow.log_artifacts(str(out), "adapter")
     mlflow.log_artifacts(tc.plots_dir, "plots")
     mlflow.log_artifact(tc.metrics_file, "metrics")
-    print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({metrics['tokens_per_s']:,.0f} tok/s), "
-          f"train loss {metrics['train_loss']}, eval loss {metrics['eval_loss']}, peak "
-          + ", ".join(f"{k.removeprefix('peak_')} {v} GB" for k, v in _peak_memory_gb().items())
+    print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({metrics['tokens_per_s']:,.0f} tok/s overall, "
+          f"{metrics['steady_tokens_per_s']:,.0f} tok/s in steady steps), train loss {metrics['train_loss']}, "
+          f"eval loss {metrics['eval_loss']}, peak "
+          + ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {v} GiB" for k, v in _peak_memory().items())
           + f"; adapter -> {out}")
 
 
