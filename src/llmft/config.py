@@ -234,8 +234,9 @@ class EvaluateConfig:
     """Test-split rows for loss/perplexity (a seeded sample); null uses all."""
     rouge_rows: Optional[int] = 8
     """Test-split rows answered for ROUGE-L (a seeded sample); null uses all."""
-    reference_rows: Optional[int] = 16
-    """GPT-4 reference answers scored per source (AlpacaEval, MT-Bench turn 1) for reference_nll; null uses all."""
+    reference_rows: Optional[int] = 4
+    """GPT-4 reference answers scored per source (AlpacaEval, MT-Bench turn 1) for reference_nll (long answers,
+    ~400 tokens each: a CPU scores a few hundred tokens per second); null uses all."""
     alpaca_eval_path: str = "../shared/data/alpaca_eval/gpt4_1106_preview_outputs.json"
     """AlpacaEval 2's 805 instructions with the GPT-4-turbo reference outputs: a local JSON/JSONL file in
     alpaca_eval's format, or the hub dataset `tatsu-lab/alpaca_eval` (needs network). Missing: skipped."""

@@ -1,0 +1,159 @@
+"""AlpacaEval 2: win rate against GPT-4-turbo's reference outputs, and tuned vs base head to head.
+
+The annotation is alpaca_eval's own PairwiseAnnotator with its annotator config (prompt template, output
+order randomisation, logprob parser, preference encoding) and its win-rate metric. Only the completion
+function is ours: it sends the same chat messages through judges.py, so the judge is our configured one
+(any OpenAI-compatible server) with our retries, concurrency and cache, instead of the package's client.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import candidates as cands
+from . import judges, sources, stats
+from ..tracking import write_json
+from .report import write_jsonl
+
+NO_JUDGE = "no judge configured (evaluate.judge.model is null)"
+REFERENCE = "gpt4_1106_preview"
+ALL = 805
+
+# completions_kwargs that steer alpaca_eval's own client, not the chat completion request
+_CLIENT_ONLY = {"requires_chatml", "is_chat", "num_procs", "batch_size", "price_per_token", "tokens_to_favor",
+                "tokens_to_avoid", "is_skip_multi_tokens_to_avoid", "is_strip", "client_kwargs",
+                "client_config_path", "sleep_time", "n_retries"}
+
+
+def _fn_completions(judge: judges.Judge):
+    """A drop-in for alpaca_eval's `openai_completions` that goes through our judge client."""
+    from alpaca_eval.utils import prompt_to_chatml
+
+    def fn_completions(prompts, model_name=None, **kwargs):
+        if kwargs.get("tokens_to_favor") or kwargs.get("tokens_to_avoid"):
+            raise ValueError("annotators with tokens_to_favor/avoid need tiktoken logit biases: not supported")
+        params = {k: v for k, v in kwargs.items() if k not in _CLIENT_ONLY}
+        requests = []
+        for p in prompts:
+            p = p.strip()
+            messages = prompt_to_chatml(p) if p.startswith("<|im_start|>") else [{"role": "user", "content": p}]
+            requests.append((messages, params))
+        choices = judges.chat_many(judge, requests, "AlpacaEval judging")
+        for ch in choices:
+            ch["text"] = judges.content(ch) or " "  # as alpaca_eval's client: an empty answer is not parsed
+        n = len(choices)
+        return {"completions": [ch["text"] for ch in choices], "completions_all": choices,
+                "price_per_example": [math.nan] * n, "time_per_example": [math.nan] * n}
+
+    return fn_completions
+
+
+def annotator(config: str, judge: judges.Judge, seed: int):
+    level = logging.getLogger().level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # alpaca_eval imports the deprecated pkg_resources
+        from alpaca_eval.annotators import PairwiseAnnotator
+    logging.getLogger().setLevel(level)  # importing alpaca_eval sets the root logger to INFO
+
+    # seed 0 is alpaca_eval's default; it fixes which output is shown first, per instruction
+    ann = PairwiseAnnotator(annotators_config=config, caching_path=None, seed=seed)
+    for single in ann.annotators.values():
+        single.fn_completions = _fn_completions(judge)
+    return ann
+
+
+def _preferences(ann, outputs_1: list[dict], outputs_2: list[dict]) -> tuple[dict[str, float], list[dict]]:
+    """{instruction: preference in [1, 2]} (2: outputs_2 wins); unparsable judgments are absent."""
+    annotated = ann.annotate_head2head(outputs_1=outputs_1, outputs_2=outputs_2, is_ordered=True)
+    parsed = {a["instruction"]: float(a["preference"]) for a in annotated if a.get("preference") is not None}
+    return {k: v for k, v in parsed.items() if not math.isnan(v)}, annotated
+
+
+def _winrate_row(rows, prefs_b: dict, prefs_t: dict, e, judge, failures, **extra) -> tuple[dict, np.ndarray]:
+    from alpaca_eval.metrics import get_winrate
+
+    both = [r for r in rows if r["instruction"] in prefs_b and r["instruction"] in prefs_t]
+    base = np.array([prefs_b[r["instruction"]] - 1 for r in both]) * 100
+    tuned = np.array([prefs_t[r["instruction"]] - 1 for r in both]) * 100
+    wb = get_winrate([{"preference": p} for p in prefs_b.values()])
+    wt = get_winrate([{"preference": p} for p in prefs_t.values()])
+    row = stats.row(base, tuned, True, e.bootstrap_samples, e.seed, judge=judge.name, parse_failures=failures, **extra)
+    # the benchmark's own numbers (all parsed annotations of each side; the CI pairs the shared ones)
+    row.update(base=float(wb["win_rate"]), tuned=float(wt["win_rate"]), delta=float(wt["win_rate"] - wb["win_rate"]),
+               standard_error={"base": float(wb["standard_error"]), "tuned": float(wt["standard_error"])})
+    cats = [r["category"] for r in both]
+    return row, stats.per_category(cats, base, tuned, True, e.bootstrap_samples, e.seed, "alpaca_eval_win_rate")
+
+
+def _lc_row(rows, annotated: dict[str, list[dict]], e) -> dict:
+    """Length-controlled win rate: alpaca_eval's GLM, which needs all 805 instructions and two files from the hub."""
+    if len(rows) < ALL:
+        return stats.skipped(f"needs all {ALL} instructions (evaluate.alpaca_eval_rows: null): the GLM uses "
+                             "per-instruction difficulties")
+    import pandas as pd
+    from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
+
+    order = {r["instruction"]: r["index"] for r in rows}
+    glm = {}
+    try:
+        for side in cands.SIDES:
+            df = pd.DataFrame(annotated[side])
+            df = df.assign(_i=df["instruction"].map(order)).sort_values("_i").drop(columns="_i").reset_index(drop=True)
+            if len(df) < ALL:
+                return stats.skipped(f"{ALL - len(df)} {side} annotations failed to parse; the GLM needs all {ALL}")
+            get_length_controlled_winrate(df, save_weights_dir=None, is_warn_extreme_changes=False)
+            glm[side] = df["glm_preference"].to_numpy() * 100
+    except Exception as ex:  # the GLM downloads df_gamed.csv + instruction_difficulty.csv from the hub
+        return stats.skipped(f"alpaca_eval's length-controlled GLM could not run (it fetches df_gamed.csv and "
+                             f"instruction_difficulty.csv from the hub dataset tatsu-lab/alpaca_eval): "
+                             f"{type(ex).__name__}: {str(ex)[:200]}")
+    return stats.row(glm["base"], glm["tuned"], True, e.bootstrap_samples, e.seed,
+                     description="length-controlled win rate vs GPT-4-turbo (alpaca_eval GLM)")
+
+
+def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
+    e = c.cfg.evaluate
+    rows, why = sources.alpaca_eval(e.alpaca_eval_path, e.alpaca_eval_rows, e.seed)
+    if rows is None:
+        return {"alpaca_eval": stats.skipped(why)}
+    if judge is None:
+        return {"alpaca_eval": stats.skipped(NO_JUDGE)}
+    convs = [([(r["instruction"], None)], "") for r in rows]
+    reference = [{"instruction": r["instruction"], "output": r["output"], "generator": r.get("generator", REFERENCE),
+                  "dataset": r["category"]} for r in rows]
+    outputs = {}
+    for side in cands.SIDES:
+        answers = cands.generate(c, side, convs, "AlpacaEval answers")
+        outputs[side] = [{"instruction": r["instruction"], "output": a, "generator": f"llmft-{side}",
+                          "dataset": r["category"]} for r, a in zip(rows, answers)]
+        write_json(Path(e.outputs_dir) / f"alpaca_eval_{side}.json", outputs[side])  # alpaca_eval's model_outputs
+
+    ann = annotator(e.alpaca_eval_annotator, judge, e.seed)
+    prefs, annotated = {}, {}
+    for side in cands.SIDES:
+        prefs[side], annotated[side] = _preferences(ann, reference, outputs[side])
+    h2h, annotated["tuned_vs_base"] = _preferences(ann, outputs["base"], outputs["tuned"])
+    for name, a in annotated.items():
+        write_jsonl(Path(e.outputs_dir) / f"alpaca_eval_annotations_{name}.jsonl", a)
+    failures = {side: len(rows) - len(prefs[side]) for side in cands.SIDES}
+
+    if not prefs["base"] or not prefs["tuned"]:
+        return {"alpaca_eval": stats.error(f"no judgment could be parsed (parse failures: {failures})",
+                                           judge=judge.name, parse_failures=failures)}
+    win, per_dataset = _winrate_row(rows, prefs["base"], prefs["tuned"], e, judge, failures,
+                                    description=f"win rate (%) vs {REFERENCE} reference outputs")
+    out = {"alpaca_eval_win_rate": win, **per_dataset, "alpaca_eval_lc_win_rate": _lc_row(rows, annotated, e)}
+
+    # tuned vs base directly: 50 is a tie by construction, so the base column is 50
+    scores = np.array([h2h[r["instruction"]] - 1 for r in rows if r["instruction"] in h2h]) * 100
+    if len(scores):
+        out["alpaca_eval_tuned_vs_base"] = stats.row(np.full_like(scores, 50.0), scores, True, e.bootstrap_samples,
+                                                     e.seed, judge=judge.name, parse_failures=len(rows) - len(scores),
+                                                     description="win rate (%) of tuned over base, same judge")
+    else:
+        out["alpaca_eval_tuned_vs_base"] = stats.error("no tuned-vs-base judgment could be parsed", judge=judge.name)
+    return out

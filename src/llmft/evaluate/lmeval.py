@@ -1,0 +1,97 @@
+"""lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ARC-Challenge, TruthfulQA, or local task YAMLs).
+
+lm-eval's `hf` model loads the base, and for the tuned side the same base with `peft=<adapter dir>`; each
+side is loaded once and runs every task, then is freed. Tasks run one at a time so a task that cannot
+load (a hub dataset offline) becomes an error row instead of failing the others. Per-document scores
+from `log_samples` pair the two sides for the bootstrap.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+
+from . import candidates as cands
+from . import stats
+
+
+def _fewshot(setting, task: str) -> Optional[int]:
+    return setting.get(task) if isinstance(setting, dict) else setting
+
+
+def _hflm(base: str, adapter: Optional[str], batch_size: int):
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    cuda = torch.cuda.is_available()
+    kw = dict(pretrained=base, batch_size=batch_size, device="cuda" if cuda else "cpu",
+              dtype="bfloat16" if cuda else "float32")
+    if adapter:
+        kw["peft"] = adapter
+    return HFLM(**kw)
+
+
+def _per_doc(samples: dict) -> dict[tuple, dict[str, float]]:
+    """{(subtask, filter, doc_id): {metric: value}} from simple_evaluate's samples."""
+    out = {}
+    for task, rows in samples.items():
+        for s in rows:
+            out[(task, s.get("filter", "none"), s["doc_id"])] = {m: s[m] for m in s.get("metrics", []) if m in s}
+    return out
+
+
+def _name(task: str, metric: str, filt: str) -> str:
+    name = f"lm_eval_{task}_{metric}" + ("" if filt == "none" else f"_{filt}")
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def run(c: cands.Candidates) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    e = c.cfg.evaluate
+    if c.adapter is None:
+        return {"lm_eval": stats.skipped("needs the tuned weights: no adapter in train.output_dir")}
+    tm = TaskManager(include_path=e.lm_eval_include_path) if e.lm_eval_include_path else TaskManager()
+    results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
+    errors: dict[str, str] = {}
+    for side, adapter in (("base", None), ("tuned", c.adapter)):
+        lm = _hflm(c.base_path, adapter, e.generation.batch_size)
+        for task in e.lm_eval_tasks:
+            if task in errors:
+                continue
+            try:
+                r = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=tm, num_fewshot=_fewshot(e.lm_eval_num_fewshot, task),
+                    limit=e.lm_eval_limit, log_samples=True, bootstrap_iters=0, random_seed=e.seed,
+                    numpy_random_seed=e.seed, torch_random_seed=e.seed, fewshot_random_seed=e.seed)
+            except Exception as ex:  # unknown task, dataset not downloadable offline, ...
+                errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
+                continue
+            results[task][side] = r
+        del lm
+    out = {}
+    for task in e.lm_eval_tasks:
+        if task in errors:
+            out[f"lm_eval_{task}"] = stats.error(f"lm-eval could not run task {task}: {errors[task]}")
+            continue
+        rb, rt = results[task]["base"], results[task]["tuned"]
+        docs_b, docs_t = _per_doc(rb["samples"]), _per_doc(rt["samples"])
+        hib = rb.get("higher_is_better", {}).get(task, {})
+        for key, value in rb["results"][task].items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            shared = [d for d in docs_b if d[1] == filt and metric in docs_b[d] and metric in docs_t.get(d, {})]
+            if not shared:
+                continue
+            base = np.array([float(docs_b[d][metric]) for d in shared])
+            tuned = np.array([float(docs_t[d][metric]) for d in shared])
+            row = stats.row(base, tuned, bool(hib.get(metric, True)), e.bootstrap_samples, e.seed,
+                            fewshot=_fewshot(e.lm_eval_num_fewshot, task))
+            # lm-eval's own aggregate (a group such as mmlu may weight its subtasks differently)
+            row.update(base=float(value), tuned=float(rt["results"][task][key]),
+                       delta=float(rt["results"][task][key]) - float(value))
+            out[_name(task, metric, filt)] = row
+    return out

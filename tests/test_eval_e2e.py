@@ -1,0 +1,274 @@
+"""`evaluate(cfg)` end to end on the tiny model with a perturbed LoRA adapter, a real MLflow store, lm-eval
+on local task YAMLs, and the judge stand-in on 127.0.0.1 filling every judge row."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from judge_server import JudgeServer
+from llmft import templates, tracking
+from llmft.config import LlmftError, load_config
+from llmft.evaluate import candidates, evaluate
+from test_registry import make_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = ("open_qa", "brainstorming", "summarization")
+SECRET = "sk-e2e-secret-7777"
+ROW_KEYS = {"base", "tuned", "delta", "ci95", "n", "higher_is_better"}
+
+
+def write_split(out_dir: Path, n: int = 6) -> None:
+    rows = []
+    for i in range(n):
+        ins, ctx = f"Question {i}: name a colour you like.", "Colours are nice." if i % 3 == 2 else ""
+        resp = f"I like blue, number {i}."
+        rows.append({"instruction": ins, "context": ctx, "response": resp, "category": CATEGORIES[i % 3],
+                     **templates.format_example("alpaca", ins, ctx, resp)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("eval_project")
+    write_split(root / "processed")
+    adapter = make_adapter(tiny_model_dir, root / "adapter", seed=3)
+    return root, adapter
+
+
+@pytest.fixture(scope="module")
+def judge():
+    with JudgeServer() as s:
+        yield s
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the local lm-eval task YAMLs name their data relative to the repository root
+    monkeypatch.setenv("LLMFT_E2E_JUDGE_KEY", SECRET)
+
+
+def make_cfg(root: Path, model: Path, adapter: Path, shared: Path, *overrides: str):
+    cfg = load_config("/nonexistent/params.yaml", [
+        f"model.base={model}", f"train.output_dir={adapter}", "train.max_length=128",
+        f"data.output_dir={root / 'processed'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'mlartifacts'}",
+        f"tracking.run_id_file={root / 'run_id.txt'}", "tracking.experiment=eval-e2e",
+        f"evaluate.output_file={root / 'metrics' / 'eval.json'}", f"evaluate.plots_dir={root / 'plots'}",
+        f"evaluate.outputs_dir={root / 'outputs'}", f"evaluate.mt_bench_dir={shared / 'mt_bench'}",
+        f"evaluate.alpaca_eval_path={shared / 'alpaca_eval' / 'gpt4_1106_preview_outputs.json'}",
+        "evaluate.test_rows=6", "evaluate.rouge_rows=3", "evaluate.reference_rows=2", "evaluate.alpaca_eval_rows=4",
+        "evaluate.mt_bench_rows=4", "evaluate.generation.max_new_tokens=6", "evaluate.bootstrap_samples=200",
+        "evaluate.judge.api_key_env=LLMFT_E2E_JUDGE_KEY", f"evaluate.judge.cache_dir={root / 'judge_cache'}",
+        *overrides])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(project, judge, tiny_model_dir, shared_data, tmp_path_factory):
+    """Every benchmark, judged by the stand-in."""
+    root, adapter = project
+    mp = pytest.MonkeyPatch()
+    mp.chdir(ROOT)
+    mp.setenv("LLMFT_E2E_JUDGE_KEY", SECRET)
+    try:
+        cfg = make_cfg(root, tiny_model_dir, adapter, shared_data,
+                       "evaluate.benchmarks=[test_loss,reference_nll,rouge,alpaca_eval,mt_bench,lm_eval]",
+                       "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={judge.base_url}",
+                       "evaluate.lm_eval_tasks=[llmft_tiny_qa,llmft_tiny_arith,arc_challenge]",
+                       "evaluate.lm_eval_include_path=tests/data/lm_eval", "evaluate.lm_eval_limit=4",
+                       "evaluate.lm_eval_num_fewshot={llmft_tiny_qa: 1}")
+        with tracking.start_run(cfg.tracking, new=True):
+            pass  # what `train` does: open the pipeline's run for later stages
+        table = evaluate(cfg)
+        return cfg, table, judge.requests
+    finally:
+        mp.undo()
+
+
+def test_every_row_filled_in_the_contract_format(full_run):
+    cfg, table, _ = full_run
+    expected = ["test_loss", "test_perplexity", "reference_nll_alpaca_eval", "reference_nll_mt_bench", "rouge_l",
+                "alpaca_eval_win_rate", "alpaca_eval_tuned_vs_base", "mt_bench_score", "mt_bench_score/turn_1",
+                "mt_bench_score/turn_2", "lm_eval_llmft_tiny_qa_acc", "lm_eval_llmft_tiny_arith_exact_match_first-number"]
+    expected += [f"test_loss/{c}" for c in CATEGORIES] + [f"rouge_l/{c}" for c in CATEGORIES]
+    expected += [f"mt_bench_score/{c}" for c in ("writing", "roleplay", "reasoning", "math")]
+    missing = [k for k in expected if k not in table]
+    assert not missing, f"missing rows {missing}; table has {sorted(table)}"
+    for name, row in table.items():
+        if "status" in row:
+            continue
+        assert ROW_KEYS <= set(row), name
+        assert row["delta"] == pytest.approx(row["tuned"] - row["base"]), name
+        assert row["ci95"][0] <= row["ci95"][1] and row["n"] >= 1, name
+    assert table["test_loss"]["higher_is_better"] is False and table["mt_bench_score"]["higher_is_better"] is True
+    assert table["test_loss"]["tuned"] != table["test_loss"]["base"]  # the adapter changes the model
+    assert table["test_perplexity"]["tuned"] == pytest.approx(np.exp(table["test_loss"]["tuned"]))
+    assert table["mt_bench_score"]["n"] == 8 and table["mt_bench_score"]["parse_failures"] == {"base": 0, "tuned": 0}
+    assert table["alpaca_eval_win_rate"]["n"] == 4 and table["alpaca_eval_tuned_vs_base"]["base"] == 50.0
+    # what cannot be computed says why instead of disappearing
+    assert table["alpaca_eval_lc_win_rate"]["status"] == "skipped" and "805" in table["alpaca_eval_lc_win_rate"]["reason"]
+    assert table["lm_eval_arc_challenge"]["status"] == "error" and "arc_challenge" in table["lm_eval_arc_challenge"]["reason"]
+    on_disk = json.loads(Path(cfg.evaluate.output_file).read_text())
+    assert on_disk == json.loads(json.dumps(table))
+
+
+def test_test_loss_matches_the_models_own_loss(full_run, tiny_model_dir):
+    """The scorer agrees with transformers' loss on completion tokens (prompt masked), example by example."""
+    import torch
+
+    cfg = full_run[0]
+    c = candidates.load(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.data.output_dir) / "test.jsonl").read_text().splitlines()]
+    pairs = [(r["prompt"], r["completion"]) for r in rows]
+    for side in ("base", "tuned"):
+        scores = candidates.score(c, side, pairs, "check", max_length=cfg.train.max_length)
+        for (p, comp), (nll, ntok) in zip(pairs, scores):
+            p_ids = c.tok(p)["input_ids"]
+            ids = c.tok(p + comp + c.tok.eos_token)["input_ids"]
+            labels = torch.tensor([[-100] * len(p_ids) + ids[len(p_ids):]])
+            with torch.no_grad(), candidates._side(c, side) as model:
+                loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+            assert ntok == len(ids) - len(p_ids)
+            assert nll / ntok == pytest.approx(loss, rel=1e-4)
+        total = scores.sum(axis=0)
+        assert full_run[1]["test_loss"][side] == pytest.approx(total[0] / total[1], rel=1e-6)
+
+
+def test_outputs_report_plots_and_mlflow(full_run):
+    from mlflow import MlflowClient
+
+    cfg, table, _ = full_run
+    e = cfg.evaluate
+    md = Path(e.output_file).with_suffix(".md").read_text()
+    assert "| test_loss |" in md and "alpaca_eval_lc_win_rate | skipped" in md
+    for png in ("base_vs_tuned.png", "deltas.png", "mt_bench_radar.png"):
+        assert (Path(e.plots_dir) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    outputs = json.loads((Path(e.outputs_dir) / "alpaca_eval_tuned.json").read_text())
+    assert len(outputs) == 4 and set(outputs[0]) >= {"instruction", "output", "generator"}
+    mt = [json.loads(x) for x in (Path(e.outputs_dir) / "mt_bench_tuned.jsonl").read_text().splitlines()]
+    assert len(mt) == 4 and all(len(a["choices"][0]["turns"]) == 2 for a in mt)
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(Path(cfg.tracking.run_id_file).read_text().strip())
+    m = run.data.metrics
+    assert m["eval.test_loss.tuned"] == pytest.approx(table["test_loss"]["tuned"])
+    assert m["eval.test_loss.delta"] == pytest.approx(table["test_loss"]["delta"])
+    assert m["eval.mt_bench_score/writing.base"] == pytest.approx(table["mt_bench_score/writing"]["base"])
+    assert run.data.tags["eval.lm_eval_arc_challenge.status"].startswith("error")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval.json", "eval/eval.md", "eval/mt_bench_radar.png"} <= arts
+    # the judge's API key went to the judge and nowhere else
+    logged = json.dumps([run.data.params, run.data.tags])
+    files = [p for d in (Path(e.output_file).parent, Path(e.outputs_dir), Path(e.judge.cache_dir)) for p in d.rglob("*")]
+    assert SECRET not in logged and not any(SECRET in p.read_text() for p in files if p.is_file() and p.suffix != ".png")
+
+
+def test_rerun_pays_no_judge_calls(full_run, project, judge, tiny_model_dir, shared_data, at_repo_root):
+    cfg, table, requests_after_first = full_run
+    root, adapter = project
+    again = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[alpaca_eval,mt_bench]",
+                     "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={judge.base_url}",
+                     f"evaluate.output_file={root / 'rerun' / 'eval.json'}", f"evaluate.outputs_dir={root / 'rerun'}",
+                     f"evaluate.plots_dir={root / 'rerun' / 'plots'}")
+    table2 = evaluate(again)
+    assert judge.requests == requests_after_first > 0
+    for k in ("alpaca_eval_win_rate", "alpaca_eval_tuned_vs_base", "mt_bench_score"):
+        assert table2[k] == table[k]
+
+
+def test_no_judge_and_missing_data_are_skipped_with_reasons(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+    root, adapter = project
+    cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,alpaca_eval,mt_bench]",
+                   f"evaluate.mt_bench_dir={tmp_path / 'nowhere'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
+                   f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}",
+                   f"tracking.run_id_file={tmp_path / 'no_run.txt'}")
+    table = evaluate(cfg)
+    assert table["alpaca_eval"] == {"status": "skipped", "reason": "no judge configured (evaluate.judge.model is null)"}
+    assert table["mt_bench"]["status"] == "skipped" and str(tmp_path / "nowhere") in table["mt_bench"]["reason"]
+    assert "base" in table["test_loss"]
+    assert json.loads((tmp_path / "eval.json").read_text())["mt_bench"]["status"] == "skipped"
+
+
+def test_parse_failures_are_counted(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+    root, adapter = project
+    with JudgeServer() as s:
+        s.malformed = lambda prompt: "### Assistant A:" in prompt  # every turn-2 judgment is unreadable
+        cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[mt_bench]",
+                       "evaluate.mt_bench_rows=3", "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={s.base_url}",
+                       f"evaluate.judge.cache_dir={tmp_path / 'cache'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
+                       f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+        table = evaluate(cfg)
+    row = table["mt_bench_score"]
+    assert row["parse_failures"] == {"base": 3, "tuned": 3}
+    assert row["n"] == 3 and "mt_bench_score/turn_2" not in table and "mt_bench_score/turn_1" in table
+
+
+def test_unreachable_judge_is_an_error_row_naming_the_url(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+    root, adapter = project
+    with JudgeServer() as s:
+        url = s.base_url  # stopped on exit: nothing listens there any more
+    cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,mt_bench]",
+                   "evaluate.mt_bench_rows=1", "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={url}",
+                   "evaluate.judge.max_retries=1", "evaluate.judge.timeout_s=5",
+                   f"evaluate.judge.cache_dir={tmp_path / 'cache'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
+                   f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+    with pytest.raises(LlmftError, match="unreachable") as e:
+        evaluate(cfg)
+    assert url in str(e.value)
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["mt_bench"]["status"] == "error" and url in written["mt_bench"]["reason"]
+    assert "base" in written["test_loss"]  # the rest of the table is still written
+
+
+@pytest.fixture(scope="module")
+def served(project, tiny_model_dir, shared_data, tmp_path_factory):
+    """The tuned model logged as llmft's pyfunc and served by a real `mlflow models serve` on 127.0.0.1."""
+    import os
+    import sys
+
+    from llmft import registry
+    from test_serving import free_port, start_process, stop_process, wait_until_up
+
+    root, adapter = project
+    work = tmp_path_factory.mktemp("served")
+    cfg = make_cfg(work, tiny_model_dir, adapter, shared_data)
+    with tracking.start_run(cfg.tracking, new=True):
+        info = registry.log_model(cfg, str(tiny_model_dir), work)
+    port, log = free_port(), work / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=cfg.tracking.uri,
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "--env-manager",
+                          "local", "-h", "127.0.0.1", "-p", str(port)], log, cwd=work, env=env)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
+def test_endpoint_candidate_answers_like_the_in_process_adapter(full_run, served, project, judge, tiny_model_dir,
+                                                                shared_data, tmp_path, at_repo_root):
+    """With evaluate.candidate_endpoint the tuned side is the served model: same prompts, template and greedy
+    settings, so its answers (MT-Bench turn 2 included, sent as history) equal the in-process tuned answers."""
+    cfg, table, _ = full_run
+    root, adapter = project
+    ecfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,rouge,mt_bench]",
+                    f"evaluate.candidate_endpoint={served}", "evaluate.judge.model=stand-in",
+                    f"evaluate.judge.base_url={judge.base_url}", f"evaluate.outputs_dir={tmp_path / 'outputs'}",
+                    f"evaluate.output_file={tmp_path / 'eval.json'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+    etable = evaluate(ecfg)
+
+    def answers(d: Path, name: str):
+        return [json.loads(x) for x in (d / name).read_text().splitlines()]
+
+    local, remote = Path(cfg.evaluate.outputs_dir), tmp_path / "outputs"
+    assert [r["output"] for r in answers(remote, "rouge_tuned.jsonl")] == [r["output"] for r in answers(local, "rouge_tuned.jsonl")]
+    assert [a["choices"] for a in answers(remote, "mt_bench_tuned.jsonl")] == \
+        [a["choices"] for a in answers(local, "mt_bench_tuned.jsonl")]
+    assert etable["rouge_l"] == table["rouge_l"] and etable["mt_bench_score"] == table["mt_bench_score"]
+    assert etable["test_loss"] == table["test_loss"]  # likelihoods still come from the adapter's weights
