@@ -208,12 +208,12 @@ def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, proce
     double = json.loads((tmp_path / "two" / "train.json").read_text())
     curve = lambda d: [float(line.split(",")[1]) for line in (tmp_path / d / "plots" / "train_loss.csv").read_text().split()[1:]]
     one, two = curve("one"), curve("two")
-    # Step 1 sees the same 8 rows in both runs: the loss must agree to float precision. Without
-    # use_cpu=True each process trained alone and logged twice this loss.
-    assert abs(one[0] - two[0]) < 1e-5, (one, two)
-    # Later steps: accelerate's per-rank batch assignment differs slightly from the single-process
-    # accumulation order (open item), so the curves agree closely but not bit for bit.
-    assert abs(single["train_loss"] - double["train_loss"]) < 1e-2 and double["tokens_seen"] == single["tokens_seen"]
+    # Same 8 rows per step, token-normalised loss, gradients averaged across the two processes: the same
+    # curve and adapter up to fp32 reduction order. (Without use_cpu=True each process trained alone and
+    # logged twice the loss; with an evaluate() before train() the processes never synced gradients.)
+    assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    assert double["tokens_seen"] == single["tokens_seen"]
+    assert max_diff(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < 1e-5
 
 
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, tracking_uri):

@@ -193,8 +193,11 @@ def train(cfg: Config) -> None:
         if resume and is_main:
             print(f"train: resuming from {resume}")
         start = time.time()
-        if not resume:
-            trainer.evaluate()  # validation loss of the untrained adapter: the curve starts at the base model
+        # Validation loss of the untrained adapter, so the curve starts at the base model. Not under DDP:
+        # an evaluate() before train() leaves the model unwrapped, and the processes then never sync
+        # their gradients (each trains its own copy; the 2-process test caught it).
+        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            trainer.evaluate()
         trainer.train(resume_from_checkpoint=resume)
         if is_main:
             _finish(cfg, trainer, curve, time.time() - start, resume, tok)
