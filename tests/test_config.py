@@ -60,3 +60,25 @@ def test_cli_help_and_clean_errors(tmp_path):
     res = _cli("prepare", cwd=tmp_path)
     assert res.returncode == 2 and "params.yaml:2: unknown key 'train.bogus'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_bad_override_value_and_template_are_clean_errors(tmp_path):
+    from llmft.templates import render_prompt
+
+    with pytest.raises(LlmftError, match=r"override 'train.lora.r=\[': value is not valid YAML"):
+        load_config(tmp_path / "missing.yaml", ["train.lora.r=["])
+    with pytest.raises(LlmftError, match="unknown template 'chatml'"):
+        render_prompt("chatml", [("hi", None)])
+
+
+def test_secrets_and_url_credentials_never_reach_params():
+    from llmft.tracking import scrub
+
+    flat = {"evaluate.judge.api_key_env": "OPENAI_API_KEY", "evaluate.judge.api_key": "sk-123",
+            "evaluate.generation.max_new_tokens": 128, "tracking.uri": "https://bob:hunter2@mlflow.example/",
+            "evaluate.judge.base_url": "http://127.0.0.1:8000/v1"}
+    out = scrub(flat)
+    assert "evaluate.judge.api_key" not in out and out["evaluate.judge.api_key_env"] == "OPENAI_API_KEY"
+    assert out["evaluate.generation.max_new_tokens"] == 128, "ordinary keys that contain 'token' are kept"
+    assert out["tracking.uri"] == "https://mlflow.example/" and "hunter2" not in str(out)
+    assert out["evaluate.judge.base_url"] == "http://127.0.0.1:8000/v1"

@@ -200,3 +200,20 @@ def test_logged_base_weights_load_without_the_base_dir(store, adapters, tiny_mod
 
     model = mlflow.pyfunc.load_model("models:/self-contained@champion")
     assert model.predict(pd.DataFrame([{"instruction": "Say hi"}])) == expected
+
+
+def test_direction_must_agree_with_the_metric(tmp_path):
+    import json as _json
+
+    from llmft.config import LlmftError as _E
+    from llmft.registry import _check_direction
+
+    path = tmp_path / "eval.json"
+    path.write_text(_json.dumps({"rouge_l": {"base": 0.2, "tuned": 0.3, "higher_is_better": True},
+                                 "test_loss": {"base": 2.0, "tuned": 1.9, "higher_is_better": False}}))
+    with pytest.raises(_E, match="set register.direction=maximize"):
+        _check_direction(path, "rouge_l.tuned", "minimize")
+    _check_direction(path, "rouge_l.tuned", "maximize")
+    _check_direction(path, "test_loss.tuned", "minimize")
+    with pytest.raises(_E, match="set register.direction=minimize"):
+        _check_direction(path, "test_loss.tuned", "maximize")

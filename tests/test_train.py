@@ -220,3 +220,10 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, trac
     cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.qlora.enabled": True}))
     with pytest.raises(LlmftError, match="qlora.enabled=true needs a CUDA GPU"):
         train.train(cfg)
+
+
+def test_unknown_scheduler_or_optimizer_fails_before_loading(tmp_path, tiny_model_dir, processed, tracking_uri):
+    for key, value in (("train.lr_scheduler", "cosyne"), ("train.optim", "adamw_torchh")):
+        cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{key: value}))
+        with pytest.raises(LlmftError, match=f"{key}: unknown '{value}'"):
+            train.build_trainer(cfg)

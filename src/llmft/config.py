@@ -423,7 +423,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise LlmftError(f"override '{text}' is not of the form key=value (e.g. train.learning_rate=1e-4)")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise LlmftError(f"override '{text}': value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:

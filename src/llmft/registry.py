@@ -70,6 +70,20 @@ def decide(candidate: Optional[float], champion_version: Optional[str], champion
     return better, "better" if better else "worse"
 
 
+def _check_direction(path: str | Path, metric: str, direction: str) -> None:
+    """Refuse e.g. `rouge_l.tuned` with `minimize`: it would promote worse models."""
+    name = metric.rsplit(".", 1)[0]
+    try:
+        row = json.loads(Path(path).read_text()).get(name, {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    hib = row.get("higher_is_better") if isinstance(row, dict) else None
+    if hib is not None and metric.endswith((".base", ".tuned")) and (direction == "maximize") != hib:
+        want = "maximize" if hib else "minimize"
+        raise LlmftError(f"register.direction={direction} but {path} marks '{name}' as "
+                         f"{'higher' if hib else 'lower'} is better: set register.direction={want}")
+
+
 def local_base(cfg: Config) -> str:
     """The base model as an absolute local directory, so serving never reaches for the hub."""
     base = models.resolve_base(cfg.model)
@@ -151,6 +165,7 @@ def register(cfg: Config) -> dict:
         raise LlmftError(f"train.output_dir: no PEFT adapter in {adapter} (run `llmft train` first)")
     base = local_base(cfg)
     candidate, missing_why = read_metric(cfg.evaluate.output_file, r.metric)
+    _check_direction(cfg.evaluate.output_file, r.metric, r.direction)
 
     with tracking.start_run(cfg.tracking, new=False), tempfile.TemporaryDirectory() as tmp:
         client = MlflowClient()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from .config import LlmftError
+
 TEMPLATES = ("alpaca", "llama2_chat", "model_chat")
 
 ALPACA_HEADER = "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request."
@@ -40,7 +42,8 @@ def _llama2_chat(turns: Sequence[tuple[str, Optional[str]]], system: str) -> str
 
 def _model_chat(turns, system: str, tokenizer) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template 'model_chat' needs a tokenizer with a chat template")
+        raise LlmftError("data.template=model_chat: the base model's tokenizer has no chat template; "
+                         "use alpaca or llama2_chat")
     messages = [{"role": "system", "content": system}] if system else []
     for user, assistant in turns:
         messages.append({"role": "user", "content": user})
@@ -71,7 +74,7 @@ def render_prompt(template: str, turns: Sequence[tuple[str, Optional[str]]], con
         return _llama2_chat(turns, system)
     if template == "model_chat":
         return _model_chat(turns, system, tokenizer)
-    raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    raise LlmftError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
 def format_example(template: str, instruction: str, context: str, response: str, system: str = "",

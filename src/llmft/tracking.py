@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .config import LlmftError, TrackingConfig
 
-# Keys that may hold secrets are never logged, whatever their source.
-SECRET_MARKERS = ("key", "token", "secret", "password")
+# Keys that may hold secrets are never logged, whatever their source (an env var's *name* is fine).
+SECRET_KEYS = {"api_key", "apikey", "key", "token", "access_token", "hf_token", "secret", "password"}
 
 
 def setup(cfg: TrackingConfig) -> str:
@@ -62,17 +62,24 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def _secret(key: str) -> bool:
-    leaf = key.lower().rsplit(".", 1)[-1]
-    return any(m in leaf for m in SECRET_MARKERS) and not leaf.endswith("_env")
+    return key.lower().rsplit(".", 1)[-1] in SECRET_KEYS
+
+
+def _clean(value):
+    """URLs lose any user:password@ part."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return value
 
 
 def scrub(params: dict) -> dict:
-    """Flat params without secret-looking keys (an env var's *name* is fine, its value never gets here)."""
-    return {k: v for k, v in params.items() if not _secret(k)}
+    """Flat params without secret keys, URLs without credentials."""
+    return {k: _clean(v) for k, v in params.items() if not _secret(k)}
 
 
 def scrub_nested(d: dict) -> dict:
-    return {k: scrub_nested(v) if isinstance(v, dict) else v for k, v in d.items() if not _secret(k)}
+    return {k: scrub_nested(v) if isinstance(v, dict) else _clean(v) for k, v in d.items() if not _secret(k)}
 
 
 def _git(*args: str) -> str:
@@ -104,8 +111,14 @@ def environment() -> dict[str, str]:
 
     import torch
 
-    env = {"python": platform.python_version(), "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "cpu_count": str(os.cpu_count())}
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+           "cpu_count": str(os.cpu_count())}
     try:
         with open("/proc/meminfo") as f:
             env["ram_gb"] = f"{int(f.readline().split()[1]) / 2**20:.1f}"

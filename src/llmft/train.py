@@ -6,7 +6,8 @@ loss on completion tokens only (EOS appended and learned), and writes:
   train.checkpoint_dir  resumable checkpoints (optimizer, scheduler, RNG state)
   train.metrics_file    final metrics (DVC metrics)
   train.plots_dir       train_loss.csv, eval_loss.csv (dvc plots) and loss.png
-Runs unchanged under `accelerate launch` / `torchrun` (DDP, FSDP); rank 0 alone writes and logs.
+Runs unchanged under `accelerate launch` / `torchrun` with DDP (rank 0 alone writes and logs); FSDP does
+not work yet (benchmarks/README.md has the errors).
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def _read_split(path: Path, limit: int | None):
 def _fingerprint(cfg: Config) -> str:
     """What a checkpoint must match to be resumed: everything that shapes the optimisation."""
     tc = to_dict(cfg.train)
-    for k in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "dataloader_workers",
-              "output_dir", "metrics_file", "plots_dir", "checkpoint_dir"):
+    # Every logged param counts (a resumed run re-logs them into the same MLflow run, which refuses a
+    # changed value); only where outputs go and the resume switch itself do not.
+    for k in ("resume", "output_dir", "metrics_file", "plots_dir", "checkpoint_dir"):
         tc.pop(k)
     data = Path(cfg.data.output_dir) / "train.jsonl"
     blob = json.dumps({"train": tc, "model": to_dict(cfg.model),
@@ -130,7 +132,13 @@ def build_trainer(cfg: Config):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
     tc = cfg.train
+    for key, value, allowed in (("lr_scheduler", tc.lr_scheduler, SchedulerType), ("optim", tc.optim, OptimizerNames)):
+        if value not in {a.value for a in allowed}:
+            raise LlmftError(f"train.{key}: unknown '{value}' (choose from {', '.join(a.value for a in allowed)})")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     is_main = int(os.environ.get("RANK", "0")) == 0
     precision = _precision(tc)
