@@ -66,7 +66,7 @@ def make_cfg(root: Path, store: tuple[str, str], base: Path, adapter: Path, name
 
 
 def write_eval(cfg: Config, tuned) -> None:
-    row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4, "higher_is_better": False}
+    row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4, "higher_is_better": cfg.register.direction == "maximize"}
     tracking.write_json(cfg.evaluate.output_file, {"test_loss": row, "mt_bench": {"status": "skipped", "reason": "no judge"}})
 
 
