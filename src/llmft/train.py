@@ -25,6 +25,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from .config import Config, LlmftError, to_dict
 from .models import atomic_dir, load_tokenizer, resolve_base
+from .tracking import write_atomic
 
 
 def _precision(tc) -> str:
@@ -122,7 +123,7 @@ def _resume_point(cfg: Config, fingerprint: str, is_main: bool) -> str | None:
                 print(f"train: checkpoints in {ckpt_dir} come from a different config; starting fresh")
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
-        stamp.write_text(fingerprint + "\n")
+        write_atomic(stamp, fingerprint + "\n")
     return resume
 
 
@@ -230,7 +231,7 @@ class LossCurve(TrainerCallback):
 
     def attach(self, run_id: str) -> None:
         self.run_id = run_id
-        self.run_id_file.write_text(run_id + "\n")
+        write_atomic(self.run_id_file, run_id + "\n")
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
