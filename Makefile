@@ -1,15 +1,15 @@
 # The README's two commands: `make pipeline` (whole pipeline, offline, embedded default) and `make test`.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 VOCAB  := $(HOME)/.cache/llmft/ggml-vocab-llama-spm.gguf
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test ui clean
+.PHONY: setup pipeline test test-long ui clean
 setup: $(BIN)/.installed $(VOCAB)
 
 # requirements.lock is the full `pip freeze` of a working install: no drift between machines.
@@ -34,11 +34,17 @@ pipeline: setup
 	dvc repro
 	@echo "Done. Metrics: dvc metrics show | Runs: make ui (MLflow UI at http://127.0.0.1:5000)"
 
+# The suite CI runs. Tests that also read ../shared/data skip, saying why, where it is absent.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
+
+# The long suite (minutes to hours): kill -9 sweeps, a real judge server, load on the served model.
+test-long: setup
+	$(BIN)/python -m pytest -q -m long
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/processed models/adapter models/checkpoints metrics plots mlflow.db mlartifacts
+	rm -rf data/processed models/adapter models/checkpoints metrics plots results reports/report.pdf runs mlflow.db \
+	    mlartifacts dvc_plots

@@ -82,3 +82,90 @@ def test_secrets_and_url_credentials_never_reach_params():
     assert out["evaluate.generation.max_new_tokens"] == 128, "ordinary keys that contain 'token' are kept"
     assert out["tracking.uri"] == "https://mlflow.example/" and "hunter2" not in str(out)
     assert out["evaluate.judge.base_url"] == "http://127.0.0.1:8000/v1"
+
+
+def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  lr: 0.1\n  lora:\n    r: 0\n  lr_scheduler: cosyne\n"
+                                     "evaluate:\n  benchmarks: [test_loss, bogus]\n  test_rows: 0\n"
+                                     "data:\n  output_dir: x\n")
+    with pytest.raises(LlmftError) as e:
+        load_config(tmp_path / "p.yaml")
+    lines = str(e.value).splitlines()
+    assert lines == [
+        "p.yaml:2: unknown key 'train.lr' (did you mean 'train.learning_rate'?)".replace("p.yaml", str(tmp_path / "p.yaml")),
+        f"{tmp_path / 'p.yaml'}:10: unknown key 'data.output_dir' (moved to 'paths.data')",
+        f"{tmp_path / 'p.yaml'}:4: 'train.lora.r' must be >= 1",
+        f"{tmp_path / 'p.yaml'}:5: 'train.lr_scheduler' unknown scheduler 'cosyne' (did you mean 'cosine'?)",
+        f"{tmp_path / 'p.yaml'}:7: 'evaluate.benchmarks' unknown benchmark 'bogus' (choose from test_loss, "
+        "reference_nll, rouge, alpaca_eval, mt_bench, lm_eval)",
+        f"{tmp_path / 'p.yaml'}:8: 'evaluate.test_rows' must be >= 1 or null (all)",
+    ]
+
+
+@pytest.mark.parametrize("override, message", [
+    # rules that once lived inside a stage, and surfaced only after training under `dvc repro`
+    ("evaluate.benchmarks=[test_loss,mt_bnech]", "'evaluate.benchmarks' unknown benchmark 'mt_bnech' (did you mean 'mt_bench'?)"),
+    ("evaluate.rouge_rows=0", "'evaluate.rouge_rows' must be >= 1 or null"),
+    ("evaluate.judge.max_concurrency=0", "'evaluate.judge.max_concurrency' must be >= 1"),
+    ("register.max_request_rows=0", "'register.max_request_rows' must be >= 1"),
+    ("register.max_new_tokens_limit=64", "below evaluate.generation.max_new_tokens (128)"),
+    ("train.optim=adamw_torchh", "'train.optim' unknown optimizer 'adamw_torchh' (did you mean 'adamw_torch'"),
+    ("train.qlora.enabled=true model.random_init=true", "cannot be combined with model.random_init"),
+    ("train.lora.target_modules=[]", "'train.lora.target_modules' must be 'all-linear' or a non-empty list"),
+    ("train.lora.target_modules=q_proj", "'train.lora.target_modules' must be 'all-linear' or a non-empty list"),
+    ("register.metric=test_loss", "'register.metric' 'test_loss' is not <row>.<base|tuned|delta>"),
+    ("register.metric=rouge_l.tuned register.direction=minimize", "'rouge_l.tuned' is higher is better"),
+    ("train.learning_rate=-0.001", "'train.learning_rate' must be > 0"),
+    ("data.splits=[0.8,0.3,0.1]", "'data.splits' must be three fractions"),
+    ("data.source=notes.txt", "'data.source' 'notes.txt' is neither 'embedded', a .jsonl/.ndjson/.json/.csv/.parquet"),
+    ("model.base=/no/such/model/dir", "'model.base' '/no/such/model/dir' is neither 'embedded', a model directory"),
+    ("paths.adapter=data/processed", "'paths.adapter' is the same path as paths.data"),
+    ("train.attn_implementation=flash", "did you mean 'flash_attention_2' or 'flash_attention_3'"),
+    ("train.max_steps=0", "'train.max_steps' must be -1 (run epochs) or >= 1"),
+])
+def test_cross_stage_rules_fail_at_load(tmp_path, override, message):
+    with pytest.raises(LlmftError) as e:
+        load_config(tmp_path / "none.yaml", override.split())
+    assert message in str(e.value) and str(e.value).startswith("command-line override")
+
+
+def test_scheduler_and_optimizer_names_are_transformers_own():
+    """config.py keeps the names so loading needs no transformers import; this catches drift on upgrades."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from llmft.config import LR_SCHEDULERS, OPTIMIZERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load_and_show_their_command(preset):
+    import yaml
+
+    cfg = load_config(preset)
+    text = preset.read_text()
+    assert f"cp configs/{preset.name} params.yaml && dvc repro" in text.split("\n\n")[0]
+    assert cfg.model.base == "meta-llama/Llama-2-7b-hf" and cfg.train.max_length == 2048
+    # the paths block is the project's: dvc.yaml's ${paths.*} must resolve the same with a preset in place
+    assert yaml.safe_load(text)["paths"] == yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
+
+
+def test_three_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"llama2-7b-lora", "llama2-7b-lean", "llama2-7b-qlora-24gb"}
+
+
+def test_params_prints_values_in_effect_and_survives_a_closed_pipe(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  max_steps: 20\n")
+    res = _cli("params", "train.lora.r=4", cwd=tmp_path)
+    assert res.returncode == 0
+    assert "train.max_steps = 20   (default: -1)" in res.stdout and "train.lora.r = 4   (default: 16)" in res.stdout
+    assert "\ntrain.epochs = 1.0\n" in res.stdout  # unchanged keys show no default
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    piped = subprocess.run(f"{sys.executable} -m llmft params | head -2", shell=True, capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=120)
+    assert len(piped.stdout.splitlines()) == 2 and piped.stderr == "", piped.stderr

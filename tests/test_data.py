@@ -13,7 +13,7 @@ from llmft.config import LlmftError, load_config
 
 
 def _cfg(tmp_path, **over):
-    ov = [f"data.output_dir={tmp_path / 'processed'}", "data.stats_tokenizer=false"]
+    ov = [f"paths.data={tmp_path / 'processed'}", "data.stats_tokenizer=false"]
     ov += [f"{k}={v}" for k, v in over.items()]
     return load_config(tmp_path / "none.yaml", ov)
 
@@ -58,17 +58,83 @@ def test_prepare_splits_stratified_deterministic_and_leak_free(tmp_path):
     assert (out / "train.jsonl").read_bytes() == first, "same seed must give the same split"
     data.prepare(_cfg(tmp_path, **{"data.seed": 7}))
     assert (out / "train.jsonl").read_bytes() != first, "another seed must give another split"
-    stats = json.loads((tmp_path / data.STATS_FILE).read_text())
+    stats = json.loads((out / data.STATS).read_text())
     assert stats["splits"]["train"]["rows"] == len(splits["train"]) and stats["provenance"]["source"] == "embedded"
+    flat = json.loads((tmp_path / "metrics" / "data.json").read_text())  # the DVC metrics: a few flat numbers
+    assert flat["train_rows"] == len(splits["train"]) and all(isinstance(v, int) for v in flat.values())
 
 
-def test_same_prompt_with_two_responses_stays_in_one_split(tmp_path):
-    rows = [{"instruction": f"q{i}", "context": "", "response": "a", "category": "open_qa"} for i in range(40)]
-    rows += [{"instruction": "q0", "context": "", "response": "another answer", "category": "open_qa"}]
+def test_repeated_prompts_never_cross_splits(tmp_path):
+    """60 prompts with 3 different responses each: grouping rows by anything finer than (instruction, context)
+    (e.g. with the response) would put some prompt into two splits, almost surely with this many."""
+    rows = [{"instruction": f"q{i}", "context": "ctx" if i % 2 else "", "response": f"answer {j} to {i}",
+             "category": f"c{i % 4}"} for i in range(60) for j in range(3)]
     src = _write_jsonl(tmp_path / "d.jsonl", rows)
     data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
-    where = [s for s in data.SPLITS for r in _rows(tmp_path / "processed" / f"{s}.jsonl") if r["instruction"] == "q0"]
-    assert len(where) == 2 and len(set(where)) == 1
+    seen: dict[tuple, set] = {}
+    for s in data.SPLITS:
+        for r in _rows(tmp_path / "processed" / f"{s}.jsonl"):
+            seen.setdefault((r["instruction"], r["context"]), set()).add(s)
+    assert len(seen) == 60 and all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+    sizes = {s: len(_rows(tmp_path / "processed" / f"{s}.jsonl")) for s in data.SPLITS}
+    assert sizes == {"train": 144, "validation": 18, "test": 18}  # 48/6/6 prompts x 3 responses
+
+
+@pytest.mark.parametrize("n, cats", [(10, 1), (11, 3), (17, 5), (40, 8), (97, 7), (160, 8)])
+def test_split_sizes_meet_the_global_fractions(tmp_path, n, cats):
+    """Largest remainder across categories: 40 rows in 8 categories of 5 give 32/4/4 (rounding each category
+    on its own gave 0 validation rows), and every split of every size >= 10 is non-empty and within one row."""
+    rows = [{"instruction": f"q{i}", "context": "", "response": "a", "category": f"c{i % cats}"} for i in range(n)]
+    out = data.split(rows, [0.8, 0.1, 0.1], seed=1)
+    sizes = {s: len(v) for s, v in out.items()}
+    assert sum(sizes.values()) == n and min(sizes.values()) >= 1
+    for s, f in zip(data.SPLITS, (0.8, 0.1, 0.1)):
+        assert abs(sizes[s] - n * f) < 1 or (sizes[s] == 1 and n * f < 1), (s, sizes)
+    # stratified where the data allows: a split big enough to hold every category holds every category
+    for s, part in out.items():
+        if sizes[s] >= cats * 2:
+            assert len({r["category"] for r in part}) == cats, (s, Counter(r["category"] for r in part))
+
+
+def test_too_little_data_names_the_minimum(tmp_path):
+    src = _write_jsonl(tmp_path / "few.jsonl", [GOOD | {"instruction": f"q{i}"} for i in range(9)])
+    with pytest.raises(LlmftError, match="9 distinct prompts .* at least 10 are needed"):
+        data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_bom_and_crlf_are_accepted(tmp_path, fmt):
+    rows = [GOOD | {"instruction": f"q{i}", "response": f"line one\r\nline two {i}"} for i in range(12)]
+    text = {"jsonl": "\r\n".join(json.dumps(r) for r in rows) + "\r\n", "json": json.dumps(rows),
+            "csv": "instruction,context,response,category\r\n" + "".join(
+                f'{r["instruction"]},,"{r["response"]}",open_qa\r\n' for r in rows)}[fmt]
+    src = tmp_path / f"bom.{fmt}"
+    src.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
+    out = [r for s in data.SPLITS for r in _rows(tmp_path / "processed" / f"{s}.jsonl")]
+    assert len(out) == 12 and all(r["response"].startswith("line one\nline two") for r in out)
+    assert {r["instruction"] for r in out} == {f"q{i}" for i in range(12)}  # the BOM did not stick to a key
+
+
+@pytest.mark.parametrize("fmt, line", [("jsonl", 3), ("json", 2), ("csv", 3)])
+def test_undecodable_bytes_name_file_and_line(tmp_path, fmt, line):
+    good = json.dumps(GOOD).encode()
+    body = {"jsonl": good + b"\n" + good + b"\n" + b'{"instruction": "caf\xe9", "response": "x"}\n',
+            "json": b"[\n" + b'{"instruction": "caf\xe9", "response": "x"}]',
+            "csv": b"instruction,response\nq,a\ncaf\xe9,b\n"}[fmt]
+    src = tmp_path / f"latin1.{fmt}"
+    src.write_bytes(body)
+    with pytest.raises(LlmftError, match=rf"latin1\.{fmt}:{line}: not UTF-8 \(byte 0xe9"):
+        data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
+
+
+@pytest.mark.parametrize("fmt, body", [("csv", b'instruction,response\n"unclosed,quote\nq,a\n'),
+                                       ("parquet", b"PAR1 this is not parquet at all")])
+def test_malformed_csv_and_parquet_are_named_errors(tmp_path, fmt, body):
+    src = tmp_path / f"bad.{fmt}"
+    src.write_bytes(body)
+    with pytest.raises(LlmftError, match=rf"bad\.{fmt}: not a readable {fmt.upper()} file"):
+        data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
 
 
 def test_cleaning_counts_drops_and_normalises_whitespace():
@@ -136,12 +202,6 @@ def test_empty_file_and_all_empty_responses(tmp_path):
         data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
 
 
-def test_split_rounding_to_zero_is_an_error(tmp_path):
-    src = _write_jsonl(tmp_path / "few.jsonl", [GOOD | {"instruction": f"q{i}"} for i in range(4)])
-    with pytest.raises(LlmftError, match="validation split rounds to zero rows"):
-        data.prepare(_cfg(tmp_path, **{"data.source": str(src)}))
-
-
 def test_failed_prepare_keeps_previous_outputs_intact(tmp_path):
     cfg = _cfg(tmp_path)
     data.prepare(cfg)
@@ -154,10 +214,11 @@ def test_failed_prepare_keeps_previous_outputs_intact(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".processed.")], "no temp dirs left behind"
 
 
+@pytest.mark.shared_data
 def test_real_dolly_sample(tmp_path, shared_data):
     cfg = _cfg(tmp_path, **{"data.source": str(shared_data / "dolly" / "dolly_sample.jsonl")})
     data.prepare(cfg)
-    stats = json.loads((tmp_path / data.STATS_FILE).read_text())
+    stats = json.loads((tmp_path / "processed" / data.STATS).read_text())
     assert stats["rows_in"] == 813
     assert sum(s["rows"] for s in stats["splits"].values()) == 813 - sum(stats["dropped"].values())
     assert set(stats["splits"]["test"]["categories"]) == set(stats["splits"]["train"]["categories"])

@@ -10,7 +10,7 @@ import pytest
 
 from judge_server import JudgeServer
 from llmft import templates, tracking
-from llmft.config import LlmftError, load_config
+from llmft.config import LlmftError, load_config, rebased_paths
 from llmft.evaluate import candidates, evaluate
 from test_registry import make_adapter
 
@@ -51,37 +51,41 @@ def at_repo_root(monkeypatch):
     monkeypatch.setenv("LLMFT_E2E_JUDGE_KEY", SECRET)
 
 
-def make_cfg(root: Path, model: Path, adapter: Path, shared: Path, *overrides: str):
+def make_cfg(root: Path, model: Path, adapter: Path, bench: dict, *overrides: str):
     cfg = load_config("/nonexistent/params.yaml", [
-        f"model.base={model}", f"train.output_dir={adapter}", "train.max_length=128",
-        f"data.output_dir={root / 'processed'}",
+        *rebased_paths(root), f"model.base={model}", f"paths.adapter={adapter}", "train.max_length=128",
+        f"paths.data={root / 'processed'}",
         f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'mlartifacts'}",
-        f"tracking.run_id_file={root / 'run_id.txt'}", "tracking.experiment=eval-e2e",
-        f"evaluate.output_file={root / 'metrics' / 'eval.json'}", f"evaluate.plots_dir={root / 'plots'}",
-        f"evaluate.outputs_dir={root / 'outputs'}", f"evaluate.mt_bench_dir={shared / 'mt_bench'}",
-        f"evaluate.alpaca_eval_path={shared / 'alpaca_eval' / 'gpt4_1106_preview_outputs.json'}",
+        "tracking.experiment=eval-e2e",
+        f"evaluate.mt_bench_data={bench['mt_bench']}", f"evaluate.alpaca_eval_data={bench['alpaca_eval']}",
         "evaluate.test_rows=6", "evaluate.rouge_rows=3", "evaluate.reference_rows=2", "evaluate.alpaca_eval_rows=4",
         "evaluate.mt_bench_rows=4", "evaluate.generation.max_new_tokens=6", "evaluate.bootstrap_samples=200",
-        "evaluate.judge.api_key_env=LLMFT_E2E_JUDGE_KEY", f"evaluate.judge.cache_dir={root / 'judge_cache'}",
+        "evaluate.judge.api_key_env=LLMFT_E2E_JUDGE_KEY", f"paths.judge_cache={root / 'judge_cache'}",
+        "register.metric=train.eval_loss",  # any benchmark subset may run here
         *overrides])
     return cfg
 
 
+def elsewhere(d: Path) -> list[str]:
+    """Overrides sending one evaluate run's outputs to their own folder."""
+    return [f"paths.eval_dir={d / 'eval'}", f"paths.eval_metrics={d / 'eval.json'}", f"paths.eval_plots={d / 'plots'}"]
+
+
 @pytest.fixture(scope="module")
-def full_run(project, judge, tiny_model_dir, shared_data, tmp_path_factory):
+def full_run(project, judge, tiny_model_dir, bench_data, tmp_path_factory):
     """Every benchmark, judged by the stand-in."""
     root, adapter = project
     mp = pytest.MonkeyPatch()
     mp.chdir(ROOT)
     mp.setenv("LLMFT_E2E_JUDGE_KEY", SECRET)
     try:
-        cfg = make_cfg(root, tiny_model_dir, adapter, shared_data,
+        cfg = make_cfg(root, tiny_model_dir, adapter, bench_data,
                        "evaluate.benchmarks=[test_loss,reference_nll,rouge,alpaca_eval,mt_bench,lm_eval]",
                        "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={judge.base_url}",
                        "evaluate.lm_eval_tasks=[llmft_tiny_qa,llmft_tiny_arith,arc_challenge]",
                        "evaluate.lm_eval_include_path=tests/data/lm_eval", "evaluate.lm_eval_limit=4",
                        "evaluate.lm_eval_num_fewshot={llmft_tiny_qa: 1}")
-        with tracking.start_run(cfg.tracking, new=True):
+        with tracking.start_run(cfg, new=True):
             pass  # what `train` does: open the pipeline's run for later stages
         table = evaluate(cfg)
         return cfg, table, judge.requests
@@ -111,9 +115,14 @@ def test_every_row_filled_in_the_contract_format(full_run):
     assert table["alpaca_eval_win_rate"]["n"] == 4 and table["alpaca_eval_tuned_vs_base"]["base"] == 50.0
     # what cannot be computed says why instead of disappearing
     assert table["alpaca_eval_lc_win_rate"]["status"] == "skipped" and "805" in table["alpaca_eval_lc_win_rate"]["reason"]
-    assert table["lm_eval_arc_challenge"]["status"] == "error" and "arc_challenge" in table["lm_eval_arc_challenge"]["reason"]
-    on_disk = json.loads(Path(cfg.evaluate.output_file).read_text())
+    arc = table["lm_eval_arc_challenge"]  # a hub task offline: skipped, saying how to run it locally
+    assert arc["status"] == "skipped" and "arc_challenge" in arc["reason"] and "lm_eval_include_path" in arc["reason"]
+    on_disk = json.loads((Path(cfg.paths.eval_dir) / "table.json").read_text())
     assert on_disk == json.loads(json.dumps(table))
+    # the DVC metrics file holds the headline numbers only: no categories, CIs or skip reasons
+    flat = json.loads(Path(cfg.paths.eval_metrics).read_text())
+    assert set(flat) == {k for k, r in table.items() if "status" not in r and "/" not in k}
+    assert flat["test_loss"] == {k: table["test_loss"][k] for k in ("base", "tuned", "delta")}
 
 
 def test_test_loss_matches_the_models_own_loss(full_run, tiny_model_dir):
@@ -122,7 +131,7 @@ def test_test_loss_matches_the_models_own_loss(full_run, tiny_model_dir):
 
     cfg = full_run[0]
     c = candidates.load(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.data.output_dir) / "test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(cfg.paths.data) / "test.jsonl").read_text().splitlines()]
     pairs = [(r["prompt"], r["completion"]) for r in rows]
     for side in ("base", "tuned"):
         scores = candidates.score(c, side, pairs, "check", max_length=cfg.train.max_length)
@@ -142,90 +151,110 @@ def test_outputs_report_plots_and_mlflow(full_run):
     from mlflow import MlflowClient
 
     cfg, table, _ = full_run
-    e = cfg.evaluate
-    md = Path(e.output_file).with_suffix(".md").read_text()
+    p = cfg.paths
+    outputs_dir = Path(p.eval_dir) / "outputs"
+    md = (Path(p.eval_dir) / "table.md").read_text()
     assert "| test_loss |" in md and "alpaca_eval_lc_win_rate | skipped" in md
     for png in ("base_vs_tuned.png", "deltas.png", "mt_bench_radar.png"):
-        assert (Path(e.plots_dir) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    outputs = json.loads((Path(e.outputs_dir) / "alpaca_eval_tuned.json").read_text())
+        assert (Path(p.eval_plots) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    outputs = json.loads((outputs_dir / "alpaca_eval_tuned.json").read_text())
     assert len(outputs) == 4 and set(outputs[0]) >= {"instruction", "output", "generator"}
-    mt = [json.loads(x) for x in (Path(e.outputs_dir) / "mt_bench_tuned.jsonl").read_text().splitlines()]
+    mt = [json.loads(x) for x in (outputs_dir / "mt_bench_tuned.jsonl").read_text().splitlines()]
     assert len(mt) == 4 and all(len(a["choices"][0]["turns"]) == 2 for a in mt)
 
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    run = client.get_run(Path(cfg.tracking.run_id_file).read_text().strip())
+    run = client.get_run(Path(p.run_id).read_text().strip())
     m = run.data.metrics
     assert m["eval.test_loss.tuned"] == pytest.approx(table["test_loss"]["tuned"])
     assert m["eval.test_loss.delta"] == pytest.approx(table["test_loss"]["delta"])
-    assert m["eval.mt_bench_score/writing.base"] == pytest.approx(table["mt_bench_score/writing"]["base"])
-    assert run.data.tags["eval.lm_eval_arc_challenge.status"].startswith("error")
+    # per-category rows are not one-point charts in the metrics tab: they are in the logged table
+    assert not any("/" in k for k in m) and "eval.mt_bench_score.base" in m
+    assert run.data.tags["eval.lm_eval_arc_challenge.status"].startswith("skipped")
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/eval.json", "eval/eval.md", "eval/mt_bench_radar.png"} <= arts
+    assert {"eval/table.json", "eval/table.md", "eval/mt_bench_radar.png", "eval/table_rows.json"} <= arts
+    rows = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/table_rows.json")).read_text())
+    assert "mt_bench_score/writing" in json.dumps(rows)
     # the judge's API key went to the judge and nowhere else
     logged = json.dumps([run.data.params, run.data.tags])
-    files = [p for d in (Path(e.output_file).parent, Path(e.outputs_dir), Path(e.judge.cache_dir)) for p in d.rglob("*")]
-    assert SECRET not in logged and not any(SECRET in p.read_text() for p in files if p.is_file() and p.suffix != ".png")
+    files = [f for d in (Path(p.eval_dir), Path(p.eval_metrics).parent, Path(p.judge_cache)) for f in d.rglob("*")]
+    assert SECRET not in logged and not any(SECRET in f.read_text() for f in files if f.is_file() and f.suffix != ".png")
 
 
-def test_rerun_pays_no_judge_calls(full_run, project, judge, tiny_model_dir, shared_data, at_repo_root):
+def test_rerun_pays_no_judge_calls(full_run, project, judge, tiny_model_dir, bench_data, at_repo_root):
     cfg, table, requests_after_first = full_run
     root, adapter = project
-    again = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[alpaca_eval,mt_bench]",
+    again = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[alpaca_eval,mt_bench]",
                      "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={judge.base_url}",
-                     f"evaluate.output_file={root / 'rerun' / 'eval.json'}", f"evaluate.outputs_dir={root / 'rerun'}",
-                     f"evaluate.plots_dir={root / 'rerun' / 'plots'}")
+                     *elsewhere(root / "rerun"))
     table2 = evaluate(again)
     assert judge.requests == requests_after_first > 0
     for k in ("alpaca_eval_win_rate", "alpaca_eval_tuned_vs_base", "mt_bench_score"):
         assert table2[k] == table[k]
 
 
-def test_no_judge_and_missing_data_are_skipped_with_reasons(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+def test_no_judge_and_missing_data_are_skipped_with_reasons(project, tiny_model_dir, bench_data, tmp_path, at_repo_root):
     root, adapter = project
-    cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,alpaca_eval,mt_bench]",
-                   f"evaluate.mt_bench_dir={tmp_path / 'nowhere'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
-                   f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}",
-                   f"tracking.run_id_file={tmp_path / 'no_run.txt'}")
+    cfg = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[test_loss,reference_nll,alpaca_eval]",
+                   f"evaluate.mt_bench_data={tmp_path / 'nowhere'}", *elsewhere(tmp_path),
+                   f"paths.run_id={tmp_path / 'no_run.txt'}")
     table = evaluate(cfg)
     assert table["alpaca_eval"] == {"status": "skipped", "reason": "no judge configured (evaluate.judge.model is null)"}
-    assert table["mt_bench"]["status"] == "skipped" and str(tmp_path / "nowhere") in table["mt_bench"]["reason"]
-    assert "base" in table["test_loss"]
-    assert json.loads((tmp_path / "eval.json").read_text())["mt_bench"]["status"] == "skipped"
+    why = table["reference_nll_mt_bench"]["reason"]
+    assert table["reference_nll_mt_bench"]["status"] == "skipped" and str(tmp_path / "nowhere") in why
+    assert "evaluate.mt_bench_data" in why  # the key to set
+    assert "base" in table["test_loss"] and "base" in table["reference_nll_alpaca_eval"]
+    assert json.loads((tmp_path / "eval" / "table.json").read_text())["alpaca_eval"]["status"] == "skipped"
 
 
-def test_parse_failures_are_counted(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+def test_hub_defaults_offline_skip_naming_the_key(project, tiny_model_dir, bench_data, tmp_path, at_repo_root,
+                                                  monkeypatch):
+    """The defaults are the public hub sources alpaca_eval and FastChat read; offline they skip, and the reason
+    names the key that takes a local copy."""
+    from llmft.config import EvaluateConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root, adapter = project
+    d = EvaluateConfig()
+    cfg = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[reference_nll]",
+                   f"evaluate.mt_bench_data={d.mt_bench_data}", f"evaluate.alpaca_eval_data={d.alpaca_eval_data}",
+                   *elsewhere(tmp_path), f"paths.run_id={tmp_path / 'no_run.txt'}")
+    table = evaluate(cfg)
+    for name, key, source in (("reference_nll_alpaca_eval", "evaluate.alpaca_eval_data", "tatsu-lab/alpaca_eval"),
+                              ("reference_nll_mt_bench", "evaluate.mt_bench_data", "lmsys/mt-bench")):
+        assert table[name]["status"] == "skipped" and key in table[name]["reason"] and source in table[name]["reason"]
+
+
+def test_parse_failures_are_counted(project, tiny_model_dir, bench_data, tmp_path, at_repo_root):
     root, adapter = project
     with JudgeServer() as s:
         s.malformed = lambda prompt: "### Assistant A:" in prompt  # every turn-2 judgment is unreadable
-        cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[mt_bench]",
+        cfg = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[mt_bench]",
                        "evaluate.mt_bench_rows=3", "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={s.base_url}",
-                       f"evaluate.judge.cache_dir={tmp_path / 'cache'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
-                       f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+                       f"paths.judge_cache={tmp_path / 'cache'}", *elsewhere(tmp_path))
         table = evaluate(cfg)
     row = table["mt_bench_score"]
     assert row["parse_failures"] == {"base": 3, "tuned": 3}
     assert row["n"] == 3 and "mt_bench_score/turn_2" not in table and "mt_bench_score/turn_1" in table
 
 
-def test_unreachable_judge_is_an_error_row_naming_the_url(project, tiny_model_dir, shared_data, tmp_path, at_repo_root):
+def test_unreachable_judge_is_an_error_row_naming_the_url(project, tiny_model_dir, bench_data, tmp_path, at_repo_root):
     root, adapter = project
     with JudgeServer() as s:
         url = s.base_url  # stopped on exit: nothing listens there any more
-    cfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,mt_bench]",
+    cfg = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[test_loss,mt_bench]",
                    "evaluate.mt_bench_rows=1", "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={url}",
                    "evaluate.judge.max_retries=1", "evaluate.judge.timeout_s=5",
-                   f"evaluate.judge.cache_dir={tmp_path / 'cache'}", f"evaluate.output_file={tmp_path / 'eval.json'}",
-                   f"evaluate.outputs_dir={tmp_path / 'outputs'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+                   f"paths.judge_cache={tmp_path / 'cache'}", *elsewhere(tmp_path))
     with pytest.raises(LlmftError, match="unreachable") as e:
         evaluate(cfg)
     assert url in str(e.value)
-    written = json.loads((tmp_path / "eval.json").read_text())
+    written = json.loads((tmp_path / "eval" / "table.json").read_text())
     assert written["mt_bench"]["status"] == "error" and url in written["mt_bench"]["reason"]
     assert "base" in written["test_loss"]  # the rest of the table is still written
 
 
 @pytest.fixture(scope="module")
-def served(project, tiny_model_dir, shared_data, tmp_path_factory):
+def served(project, tiny_model_dir, bench_data, tmp_path_factory):
     """The tuned model logged as llmft's pyfunc and served by a real `mlflow models serve` on 127.0.0.1."""
     import os
     import sys
@@ -235,8 +264,8 @@ def served(project, tiny_model_dir, shared_data, tmp_path_factory):
 
     root, adapter = project
     work = tmp_path_factory.mktemp("served")
-    cfg = make_cfg(work, tiny_model_dir, adapter, shared_data)
-    with tracking.start_run(cfg.tracking, new=True):
+    cfg = make_cfg(work, tiny_model_dir, adapter, bench_data)
+    with tracking.start_run(cfg, new=True):
         info = registry.log_model(cfg, str(tiny_model_dir), work)
     port, log = free_port(), work / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -252,21 +281,20 @@ def served(project, tiny_model_dir, shared_data, tmp_path_factory):
 
 
 def test_endpoint_candidate_answers_like_the_in_process_adapter(full_run, served, project, judge, tiny_model_dir,
-                                                                shared_data, tmp_path, at_repo_root):
+                                                                bench_data, tmp_path, at_repo_root):
     """With evaluate.candidate_endpoint the tuned side is the served model: same prompts, template and greedy
     settings, so its answers (MT-Bench turn 2 included, sent as history) equal the in-process tuned answers."""
     cfg, table, _ = full_run
     root, adapter = project
-    ecfg = make_cfg(root, tiny_model_dir, adapter, shared_data, "evaluate.benchmarks=[test_loss,rouge,mt_bench]",
+    ecfg = make_cfg(root, tiny_model_dir, adapter, bench_data, "evaluate.benchmarks=[test_loss,rouge,mt_bench]",
                     f"evaluate.candidate_endpoint={served}", "evaluate.judge.model=stand-in",
-                    f"evaluate.judge.base_url={judge.base_url}", f"evaluate.outputs_dir={tmp_path / 'outputs'}",
-                    f"evaluate.output_file={tmp_path / 'eval.json'}", f"evaluate.plots_dir={tmp_path / 'plots'}")
+                    f"evaluate.judge.base_url={judge.base_url}", *elsewhere(tmp_path))
     etable = evaluate(ecfg)
 
     def answers(d: Path, name: str):
         return [json.loads(x) for x in (d / name).read_text().splitlines()]
 
-    local, remote = Path(cfg.evaluate.outputs_dir), tmp_path / "outputs"
+    local, remote = Path(cfg.paths.eval_dir) / "outputs", tmp_path / "eval" / "outputs"
     assert [r["output"] for r in answers(remote, "rouge_tuned.jsonl")] == [r["output"] for r in answers(local, "rouge_tuned.jsonl")]
     assert [a["choices"] for a in answers(remote, "mt_bench_tuned.jsonl")] == \
         [a["choices"] for a in answers(local, "mt_bench_tuned.jsonl")]

@@ -20,8 +20,8 @@ def server():
 
 def _judge(server_or_url, tmp_path, **kw) -> judges.Judge:
     url = server_or_url if isinstance(server_or_url, str) else server_or_url.base_url
-    cfg = JudgeConfig(model="stand-in", base_url=url, cache_dir=str(tmp_path / "cache"), **kw)
-    return judges.make(cfg)
+    cfg = JudgeConfig(model="stand-in", base_url=url, **kw)
+    return judges.make(cfg, tmp_path / "cache")
 
 
 def _rating_request(answer: str):
@@ -36,7 +36,7 @@ def _chat(judge, request):
 
 
 def test_no_judge_configured_is_none():
-    assert judges.make(JudgeConfig()) is None
+    assert judges.make(JudgeConfig(), "unused") is None
 
 
 def test_cache_second_run_makes_no_http_calls(server, tmp_path):
@@ -49,7 +49,7 @@ def test_cache_second_run_makes_no_http_calls(server, tmp_path):
     assert [judges.content(c) for c in first] == [judges.content(c) for c in second]
     # the key covers the candidate output and the judge model
     _chat(again, _rating_request("a different answer"))
-    other = judges.make(JudgeConfig(model="another-judge", base_url=server.base_url, cache_dir=str(tmp_path / "cache")))
+    other = judges.make(JudgeConfig(model="another-judge", base_url=server.base_url), tmp_path / "cache")
     _chat(other, requests[0])
     assert server.requests == 7
 
@@ -114,16 +114,16 @@ def test_unreachable_judge_names_url_and_keeps_cached_work(tmp_path):
     assert judge.counts["cached"] >= 1  # answered from the cache before the new ones failed
 
 
-def test_openai_without_key_is_a_clear_error(monkeypatch):
+def test_openai_without_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMFT_TEST_JUDGE_KEY", raising=False)
     with pytest.raises(LlmftError, match="LLMFT_TEST_JUDGE_KEY"):
-        judges.make(JudgeConfig(model="gpt-4-1106-preview", api_key_env="LLMFT_TEST_JUDGE_KEY"))
+        judges.make(JudgeConfig(model="gpt-4-1106-preview", api_key_env="LLMFT_TEST_JUDGE_KEY"), tmp_path / "cache")
 
 
 def test_api_key_reaches_the_server_but_never_the_cache(server, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMFT_TEST_JUDGE_KEY", "sk-test-secret-4242")
-    judge = judges.make(JudgeConfig(model="stand-in", base_url=server.base_url, api_key_env="LLMFT_TEST_JUDGE_KEY",
-                                    cache_dir=str(tmp_path / "cache")))
+    judge = judges.make(JudgeConfig(model="stand-in", base_url=server.base_url, api_key_env="LLMFT_TEST_JUDGE_KEY"),
+                        tmp_path / "cache")
     _chat(judge, _rating_request("an answer"))
     assert server.headers[-1]["authorization"] == "Bearer sk-test-secret-4242"
     for f in (tmp_path / "cache").rglob("*"):
@@ -145,16 +145,16 @@ def test_mt_bench_rating_parse(judgment, rating):
     assert mtbench.parse_rating(judgment) == rating
 
 
-def test_mt_bench_judge_prompts_follow_fastchat(shared_data):
-    mt, why = sources.mt_bench(shared_data / "mt_bench", None)
-    assert why is None
+def _check_fastchat_prompt_choice(mt, turn2_system_phrase: str) -> None:
+    """Single-answer grading as FastChat builds it: single-v1 for most categories, the reference-guided
+    single-math-v1 for math/reasoning/coding, their -multi-turn variants for turn 2."""
     by_cat = {}
     for q in mt["questions"]:
         by_cat.setdefault(q["category"], q)
     writing, math = by_cat["writing"], by_cat["math"]
     ref = mt["references"][math["question_id"]]
     msgs, params = mtbench.judge_request(writing, ["first answer", "second answer"], 1, mt["prompts"], None, 2048)
-    assert msgs[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert msgs[0] == {"role": "system", "content": mt["prompts"]["single-v1"]["system_prompt"]}
     assert writing["turns"][0] in msgs[1]["content"] and "first answer" in msgs[1]["content"]
     assert params == {"temperature": 0, "max_tokens": 2048, "n": 1}
     msgs, _ = mtbench.judge_request(math, ["a1", "a2"], 1, mt["prompts"], ref, 2048)
@@ -164,7 +164,24 @@ def test_mt_bench_judge_prompts_follow_fastchat(shared_data):
     assert msgs[0]["content"] == mt["prompts"]["single-math-v1-multi-turn"]["system_prompt"]
     assert all(t in msgs[1]["content"] for t in (math["turns"][1], "a1", "a2", ref["choices"][0]["turns"][1]))
     msgs, _ = mtbench.judge_request(writing, ["a1", "a2"], 2, mt["prompts"], None, 2048)
-    assert "focus on the assistant's answer to the second user question" in msgs[0]["content"]
+    assert turn2_system_phrase in msgs[0]["content"]
+    # a reference for a category FastChat grades without one is not used
+    msgs, _ = mtbench.judge_request(writing, ["a1", "a2"], 1, mt["prompts"], ref, 2048)
+    assert "Reference" not in msgs[1]["content"]
+
+
+def test_mt_bench_judge_prompt_choice_on_fixture_files(bench_data):
+    mt, why = sources.mt_bench(str(bench_data["mt_bench"]), None)
+    assert why is None and len(mt["questions"]) == 16
+    _check_fastchat_prompt_choice(mt, "focus on the assistant's answer to the second user question")
+
+
+def test_mt_bench_judge_prompts_follow_fastchat(shared_data):
+    """The real FastChat files: the same choices, and FastChat's own system prompt texts."""
+    mt, why = sources.mt_bench(str(shared_data / "mt_bench"), None)
+    assert why is None and len(mt["questions"]) == 80
+    assert mt["prompts"]["single-v1"]["system_prompt"] == "You are a helpful assistant."
+    _check_fastchat_prompt_choice(mt, "focus on the assistant's answer to the second user question")
 
 
 def _alpaca_rows(n, model_longer):

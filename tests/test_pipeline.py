@@ -29,8 +29,7 @@ def project(tmp_path) -> Path:
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     params = tmp_path / "params.yaml"
     # The token-length stats need the embedded model; this test is about DVC, not tokenizers.
-    params.write_text(params.read_text().replace("  output_dir: data/processed\n",
-                                                 "  output_dir: data/processed\n  stats_tokenizer: false\n", 1))
+    params.write_text(params.read_text().replace("  max_rows: null\n", "  max_rows: null\n  stats_tokenizer: false\n", 1))
     sh("git", "init", "-q", cwd=tmp_path)
     sh("dvc", "init", "-q", cwd=tmp_path)
     sh("git", "add", "-A", cwd=tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmft import registry, tracking
-from llmft.config import Config, LlmftError
+from llmft import metrics, registry, tracking
+from llmft.config import Config, LlmftError, load_config, rebased_paths
 
 
 @pytest.fixture(scope="module")
@@ -48,35 +48,32 @@ def adapters(tmp_path_factory, tiny_model_dir) -> list[Path]:
 
 
 def make_cfg(root: Path, store: tuple[str, str], base: Path, adapter: Path, name: str,
-             direction: str = "minimize") -> Config:
-    cfg = Config()
-    cfg.model.base = str(base)
-    cfg.train.output_dir = str(adapter)
-    cfg.tracking.uri, cfg.tracking.artifact_location = store
-    cfg.tracking.run_id_file = str(root / "run_id.txt")
-    cfg.tracking.experiment = f"test-{name}"
-    cfg.evaluate.output_file = str(root / "eval.json")
-    cfg.evaluate.generation.max_new_tokens = 8
-    cfg.register.model_name = name
-    cfg.register.direction = direction
-    cfg.register.output_file = str(root / "register.json")
-    with tracking.start_run(cfg.tracking, new=True):
+             metric: str = "test_loss.tuned") -> Config:
+    uri, artifacts = store
+    cfg = load_config("/nonexistent.yaml", [
+        *rebased_paths(root), f"model.base={base}", f"paths.adapter={adapter}", f"tracking.uri={uri}",
+        *([f"tracking.artifact_location={artifacts}"] if artifacts else []), f"tracking.experiment=test-{name}",
+        "evaluate.generation.max_new_tokens=8", f"register.model_name={name}", f"register.metric={metric}"])
+    with tracking.start_run(cfg, new=True):
         pass  # what `train` does: open the pipeline's run and write its id for later stages
     return cfg
 
 
 def write_eval(cfg: Config, tuned) -> None:
-    row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4, "higher_is_better": cfg.register.direction == "maximize"}
-    tracking.write_json(cfg.evaluate.output_file, {"test_loss": row, "mt_bench": {"status": "skipped", "reason": "no judge"}})
+    ref = metrics.parse(cfg.register.metric)
+    row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4,
+           "higher_is_better": bool(metrics.known_higher_is_better(ref))}
+    tracking.write_json(Path(cfg.paths.eval_dir) / "table.json",
+                        {ref.row: row, "mt_bench": {"status": "skipped", "reason": "no judge"}})
 
 
 def register_with(cfg: Config, tuned=None, adapter: Path | None = None) -> dict:
     if tuned is not None:
         write_eval(cfg, tuned)
     if adapter is not None:
-        cfg.train.output_dir = str(adapter)
+        cfg.paths.adapter = str(adapter)
     result = registry.register(cfg)
-    assert json.loads(Path(cfg.register.output_file).read_text()) == json.loads(json.dumps(result))
+    assert json.loads(Path(cfg.paths.register_metrics).read_text()) == json.loads(json.dumps(result))
     return result
 
 
@@ -97,26 +94,56 @@ def version_tags(name: str, version: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ unit, no server
-def test_read_metric_dotted_paths(tmp_path):
-    path = tmp_path / "eval.json"
-    tracking.write_json(path, {"test_loss": {"tuned": 1.25}, "lm_eval.mmlu": {"tuned": 0.5},
-                               "rouge_l/open_qa": {"tuned": 0.3}, "flag": {"tuned": True},
-                               "nan": {"tuned": float("nan")}, "mt_bench": {"status": "skipped", "reason": "no judge"}})
-    assert registry.read_metric(path, "test_loss.tuned") == (1.25, "")
-    assert registry.read_metric(path, "lm_eval.mmlu.tuned") == (0.5, "")  # a metric name with a dot in it
-    assert registry.read_metric(path, "rouge_l/open_qa.tuned") == (0.3, "")
-    for key, why in [("test_loss.base", "not found"), ("flag.tuned", "not a finite number"),
-                     ("nan.tuned", "not a finite number"), ("mt_bench.tuned", "skipped: no judge"),
-                     ("test_loss", "not a finite number")]:
-        value, reason = registry.read_metric(path, key)
-        assert value is None and why in reason, (key, reason)
-    assert registry.read_metric(tmp_path / "missing.json", "test_loss.tuned")[0] is None
+def test_metric_references_read_and_explain(tmp_path):
+    table, train = tmp_path / "table.json", tmp_path / "train.json"
+    tracking.write_json(table, {"test_loss": {"tuned": 1.25, "higher_is_better": False},
+                                "lm_eval_mmlu_acc": {"tuned": 0.5, "higher_is_better": True},
+                                "rouge_l/open_qa": {"tuned": 0.3}, "rouge_l": {"tuned": True},
+                                "test_perplexity": {"tuned": float("nan")},
+                                "mt_bench": {"status": "skipped", "reason": "no judge"}})
+    tracking.write_json(train, {"best_eval_loss": 1.1, "eval_loss": None})
+
+    def read(text):
+        return metrics.read(metrics.parse(text), train, table)
+
+    assert read("test_loss.tuned") == (1.25, "", False)
+    assert read("lm_eval_mmlu_acc.tuned") == (0.5, "", True)
+    assert read("rouge_l/open_qa.tuned")[0] == 0.3
+    assert read("train.best_eval_loss") == (1.1, "", False)
+    for text, why in [("test_loss.base", "not a finite number"), ("rouge_l.tuned", "not a finite number"),
+                      ("test_perplexity.tuned", "not a finite number"), ("train.eval_loss", "not a finite number"),
+                      ("mt_bench_score.tuned", "benchmark skipped: no judge"),
+                      ("alpaca_eval_win_rate.tuned", "is alpaca_eval in evaluate.benchmarks")]:
+        value, reason, _ = read(text)
+        assert value is None and why in reason, (text, reason)
+    assert metrics.read(metrics.parse("test_loss.tuned"), train, tmp_path / "missing.json")[0] is None
+    for bad in ("test_loss", "test_loss.median", "train.steps", ".tuned"):
+        with pytest.raises(ValueError):
+            metrics.parse(bad)
 
 
-def test_register_without_adapter_is_a_user_error(tmp_path, tiny_model_dir):
-    cfg = Config()
-    cfg.model.base = str(tiny_model_dir)
-    cfg.train.output_dir = str(tmp_path / "no_adapter")
+def test_direction_comes_from_the_metric_and_contradictions_fail():
+    rouge, loss, lm = (metrics.parse(t) for t in ("rouge_l.tuned", "test_loss.delta", "lm_eval_x_acc.tuned"))
+    assert metrics.resolve_direction(rouge, None, None) == "maximize"
+    assert metrics.resolve_direction(loss, None, None) == "minimize"
+    assert metrics.resolve_direction(lm, None, True) == "maximize"  # lm-eval: what the table marks
+    assert metrics.resolve_direction(lm, "minimize", None) == "minimize"
+    with pytest.raises(LlmftError, match="use maximize"):
+        metrics.resolve_direction(rouge, "minimize", None)
+    with pytest.raises(LlmftError, match="use minimize"):
+        metrics.resolve_direction(lm, "maximize", False)
+    with pytest.raises(LlmftError, match="set register.direction"):
+        metrics.resolve_direction(lm, None, None)
+    # the same rules at load, before any stage runs
+    with pytest.raises(LlmftError, match="register.direction' = minimize, but 'rouge_l.tuned' is higher is better"):
+        load_config("/nonexistent.yaml", ["register.metric=rouge_l.tuned", "register.direction=minimize"])
+    with pytest.raises(LlmftError, match="written by benchmark lm_eval, which is not in evaluate.benchmarks"):
+        load_config("/nonexistent.yaml", ["register.metric=lm_eval_mmlu_acc.tuned"])
+
+
+def test_register_without_adapter_is_a_user_error(tmp_path, tiny_model_dir, store):
+    cfg = make_cfg(tmp_path, store, tiny_model_dir, tmp_path / "no_adapter", "no-adapter")
+    write_eval(cfg, 1.0)
     with pytest.raises(LlmftError, match="no PEFT adapter"):
         registry.register(cfg)
 
@@ -159,13 +186,15 @@ def test_promotion_maximize_and_missing_metrics(store, adapters, tiny_model_dir,
     from mlflow import MlflowClient
 
     name = "promo-max"
-    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapters[0], name, direction="maximize")
-    cfg.register.metric = "mt_bench.tuned"  # skipped by evaluate: no evidence, so not even a first model wins
-    r1 = register_with(cfg, 0.5)
+    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapters[0], name, metric="mt_bench_score.tuned")
+    write_eval(cfg, 0.5)
+    table = Path(cfg.paths.eval_dir) / "table.json"
+    table.write_text(json.dumps({"mt_bench": {"status": "skipped", "reason": "no judge"}}))
+    r1 = register_with(cfg)  # skipped by evaluate: no evidence, so not even a first model wins
     assert (r1["promoted"], r1["reason"]) == (False, "candidate_metric_missing")
     assert "skipped" in r1["missing"] and champion_version(name) is None
 
-    cfg.register.metric = "test_loss.tuned"
+    cfg.register.metric = "rouge_l.tuned"
     assert register_with(cfg, 0.5)["reason"] == "no_champion"
     r3 = register_with(cfg, 0.4)
     assert (r3["promoted"], r3["reason"]) == (False, "worse")
@@ -174,7 +203,7 @@ def test_promotion_maximize_and_missing_metrics(store, adapters, tiny_model_dir,
     assert champion_version(name) == "4"
 
     # A champion whose metric tag is gone (older pipeline, or a different metric) cannot defend its title.
-    MlflowClient().delete_model_version_tag(name, "4", "metric.test_loss.tuned")
+    MlflowClient().delete_model_version_tag(name, "4", "metric.rouge_l.tuned")
     r5 = register_with(cfg, 0.1)
     assert (r5["promoted"], r5["reason"], r5["champion"], r5["champion_version"]) == \
         (True, "champion_metric_missing", None, 4)
@@ -200,20 +229,3 @@ def test_logged_base_weights_load_without_the_base_dir(store, adapters, tiny_mod
 
     model = mlflow.pyfunc.load_model("models:/self-contained@champion")
     assert model.predict(pd.DataFrame([{"instruction": "Say hi"}])) == expected
-
-
-def test_direction_must_agree_with_the_metric(tmp_path):
-    import json as _json
-
-    from llmft.config import LlmftError as _E
-    from llmft.registry import _check_direction
-
-    path = tmp_path / "eval.json"
-    path.write_text(_json.dumps({"rouge_l": {"base": 0.2, "tuned": 0.3, "higher_is_better": True},
-                                 "test_loss": {"base": 2.0, "tuned": 1.9, "higher_is_better": False}}))
-    with pytest.raises(_E, match="set register.direction=maximize"):
-        _check_direction(path, "rouge_l.tuned", "minimize")
-    _check_direction(path, "rouge_l.tuned", "maximize")
-    _check_direction(path, "test_loss.tuned", "minimize")
-    with pytest.raises(_E, match="set register.direction=minimize"):
-        _check_direction(path, "test_loss.tuned", "maximize")

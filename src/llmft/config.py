@@ -1,22 +1,111 @@
 """Typed, validated configuration: one dataclass per block of params.yaml.
 
-Every key is documented where it is defined, here. Loading fails before any work on an unknown key,
-a wrong type or an out-of-range value, naming the file, the line and the key.
+Every key is documented where it is defined, here. `load_config` fails before any work on an unknown
+key, a wrong type, an out-of-range value or a rule between keys, reporting every problem at once, each
+naming the file, the line and the key, with a suggestion where a close name exists.
+
+Each block states its own rules in a `_checks()` method that yields (key, ok, message); rules across
+blocks live in `Config._checks()`. A rule added later belongs there too, not inside a stage.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
 
 class LlmftError(Exception):
     """An error the user can fix (bad params, bad input file, missing model). Printed without a traceback."""
+
+
+Check = Iterator[tuple[str, bool, str]]
+
+# The names transformers accepts; kept here because importing transformers to read them costs seconds
+# on every load. tests/test_config.py checks they equal transformers' own enums.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
+
+
+def _rows_ok(v: Optional[int]) -> bool:
+    return v is None or v >= 1
+
+
+def _one_of(value, allowed, what: str) -> tuple[bool, str]:
+    close = [a for a in allowed if a.startswith(str(value))][:2] or difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else f" (choose from {', '.join(allowed)})"
+    return value in allowed, f"unknown {what} {value!r}{hint}"
+
+
+def _hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", text)) and not text.startswith(".")
+
+
+# -------------------------------------------------------------------------------------------- paths
+@dataclass
+class PathsConfig:
+    """Every artifact the pipeline writes, in one place. dvc.yaml names them as `${paths.<key>}`, so
+    changing one here keeps DVC tracking the right file. Relative to the project root."""
+
+    data: str = "data/processed"
+    """prepare: train/validation/test.jsonl and stats.json (provenance, drops, per-category counts, lengths)."""
+    data_metrics: str = "metrics/data.json"
+    """prepare: flat summary of the data (DVC metrics)."""
+    base_cache: str = "models/base"
+    """The embedded model materialised as safetensors (once)."""
+    adapter: str = "models/adapter"
+    """train: the final PEFT adapter (loadable with PeftModel.from_pretrained) and tokenizer."""
+    checkpoints: str = "models/checkpoints"
+    """train: checkpoints for resuming; a rerun with the same config resumes from the last complete one."""
+    train_metrics: str = "metrics/train.json"
+    """train: final losses, steps, tokens/s, peak memory (DVC metrics)."""
+    train_plots: str = "plots/train"
+    """train: train_loss.csv, eval_loss.csv (DVC plots) and loss.png."""
+    run_id: str = "metrics/run_id.txt"
+    """train: the pipeline's MLflow run id; later stages log into the same run."""
+    eval_metrics: str = "metrics/eval.json"
+    """evaluate: the headline numbers, base/tuned/delta per metric (DVC metrics)."""
+    eval_dir: str = "results/eval"
+    """evaluate: table.json (every row with CIs, categories, skip reasons), table.md, outputs/ (answers, judgments)."""
+    eval_plots: str = "plots/eval"
+    """evaluate: base vs tuned with 95% CIs, deltas, MT-Bench radar."""
+    register_metrics: str = "metrics/register.json"
+    """register: version, decision and both numbers (DVC metrics)."""
+    report: str = "reports/report.pdf"
+    """report: the PDF."""
+    judge_cache: str = ".cache/judge"
+    """Every judgment, one file per request: a rerun pays nothing twice. Outside DVC outputs (DVC deletes those)."""
+    tune: str = "runs/tune"
+    """tune: one folder per study, one per trial inside it (that trial's adapter, metrics, plots)."""
+
+    def _checks(self) -> Check:
+        values = dataclasses.asdict(self)
+        for key, value in values.items():
+            yield key, bool(value.strip()), "must be a non-empty path"
+        seen: dict[str, str] = {}
+        for key, value in values.items():
+            norm = str(Path(value))
+            yield key, norm not in seen, f"is the same path as paths.{seen.get(norm)} ({value})"
+            seen.setdefault(norm, key)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -35,15 +124,27 @@ class DataConfig:
     system_prompt: str = ""
     """System prompt for the chat templates (empty: none). Ignored by `alpaca`."""
     splits: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    """Train / validation / test fractions; must sum to 1."""
+    """Train / validation / test fractions; must sum to 1. Sizes follow them globally (largest remainder),
+    stratified by category where the data allows."""
     seed: int = 42
     """Seed of the stratified split."""
     max_rows: Optional[int] = None
     """Keep at most this many cleaned rows (a stratified subsample); null keeps all."""
-    output_dir: str = "data/processed"
-    """Where train/validation/test.jsonl and stats.json are written."""
     stats_tokenizer: bool = True
     """Compute token-length percentiles with the base model's tokenizer (cheap; needs the model)."""
+
+    def _checks(self) -> Check:
+        s = self.splits
+        yield "splits", (len(s) == 3 and abs(sum(s) - 1) < 1e-6 and all(0 <= x <= 1 for x in s)
+                         and s[0] > 0 and s[1] > 0), \
+            "must be three fractions in [0, 1] summing to 1, train and validation > 0"
+        yield "max_rows", self.max_rows is None or self.max_rows >= MIN_ROWS, f"must be >= {MIN_ROWS} or null"
+        from_cols = ("instruction", "context", "response", "category")
+        bad = [v for v in self.columns.values() if v not in from_cols]
+        yield "columns", not bad, f"maps to {bad}: targets must be among {', '.join(from_cols)}"
+        suffix = Path(self.source).suffix.lower()
+        yield "source", self.source == "embedded" or suffix in DATA_SUFFIXES or _hub_id(self.source), \
+            f"{self.source!r} is neither 'embedded', a {'/'.join(DATA_SUFFIXES)} file, nor a hub id (org/name)"
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -54,10 +155,19 @@ class ModelConfig:
     id such as `meta-llama/Llama-2-7b-hf` (needs network or a warm HF cache)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) when `base` is a hub id."""
-    cache_dir: str = "models/base"
-    """Where the embedded model is materialised as safetensors (once)."""
     random_init: bool = False
     """Build the model from `base`'s config.json with random weights: speed/memory benchmarks only."""
+    trust_remote_code: bool = False
+    """Run Python code that ships with a hub model. Off: such models fail to load instead."""
+    allow_pickle: bool = False
+    """Load `.bin` (pickle) weights; off, only safetensors are loaded (a pickle can run code)."""
+
+    def _checks(self) -> Check:
+        b = self.base
+        is_dir = Path(b).is_dir()
+        yield "base", b == "embedded" or is_dir or _hub_id(b), \
+            f"{b!r} is neither 'embedded', a model directory, nor a hub id (org/name)"
+        yield "base", not is_dir or (Path(b) / "config.json").exists(), f"{b} is a directory without config.json"
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -78,6 +188,14 @@ class LoraConfig:
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA). Slower."""
 
+    def _checks(self) -> Check:
+        tm = self.target_modules
+        yield "r", self.r >= 1, "must be >= 1"
+        yield "alpha", self.alpha > 0, "must be > 0"
+        yield "dropout", 0 <= self.dropout < 1, "must be in [0, 1)"
+        yield "target_modules", tm == "all-linear" or (isinstance(tm, list) and bool(tm) and all(
+            isinstance(t, str) and t for t in tm)), "must be 'all-linear' or a non-empty list of module names"
+
 
 @dataclass
 class QLoraConfig:
@@ -93,14 +211,6 @@ class QLoraConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "models/adapter"
-    """Final PEFT adapter (loadable with PeftModel.from_pretrained) and tokenizer."""
-    checkpoint_dir: str = "models/checkpoints"
-    """Checkpoints for resuming; a rerun with the same config resumes from the last complete one."""
-    metrics_file: str = "metrics/train.json"
-    """Final metrics (DVC metrics)."""
-    plots_dir: str = "plots/train"
-    """Loss curve as CSV (for `dvc plots`) and PNG."""
     epochs: float = 1.0
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -140,7 +250,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% slower."""
     attn_implementation: Optional[str] = "sdpa"
-    """eager, sdpa, flash_attention_2 (needs flash-attn), or null for the model default."""
+    """eager, sdpa, flash_attention_2/3 (needs flash-attn), flex_attention, a hub kernel (org/name), or null for
+    the model default."""
     use_liger_kernel: bool = False
     """Fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs liger-kernel + CUDA."""
     torch_compile: bool = False
@@ -152,11 +263,32 @@ class TrainConfig:
     dataloader_workers: int = 0
     """Worker processes for the data loader."""
     resume: bool = True
-    """Resume from the last complete checkpoint in checkpoint_dir when its config matches."""
+    """Resume from the last complete checkpoint in paths.checkpoints when its config matches."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
     qlora: QLoraConfig = field(default_factory=QLoraConfig)
     """4-bit base model settings."""
+
+    def _checks(self) -> Check:
+        yield "batch_size", self.batch_size >= 1, "must be >= 1"
+        yield "grad_accum", self.grad_accum >= 1, "must be >= 1"
+        yield "learning_rate", self.learning_rate > 0, "must be > 0"
+        yield "max_length", self.max_length >= 8, "must be >= 8"
+        yield "epochs", self.epochs > 0, "must be > 0"
+        yield "max_steps", self.max_steps == -1 or self.max_steps >= 1, "must be -1 (run epochs) or >= 1"
+        yield "warmup_ratio", 0 <= self.warmup_ratio <= 1, "must be in [0, 1]"
+        yield "weight_decay", self.weight_decay >= 0, "must be >= 0"
+        yield "max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"
+        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            yield key, getattr(self, key) >= 1, "must be >= 1"
+        for key in ("max_train_rows", "max_eval_rows"):
+            yield key, _rows_ok(getattr(self, key)), "must be >= 1 or null (all)"
+        yield "dataloader_workers", self.dataloader_workers >= 0, "must be >= 0"
+        yield ("lr_scheduler", *_one_of(self.lr_scheduler, LR_SCHEDULERS, "scheduler"))
+        yield ("optim", *_one_of(self.optim, OPTIMIZERS, "optimizer"))
+        a = self.attn_implementation
+        if a is not None and "/" not in a:
+            yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))
 
 
 # ----------------------------------------------------------------------------------------- tracking
@@ -169,9 +301,13 @@ class TrackingConfig:
     experiment: str = "llmft"
     """MLflow experiment name."""
     run_name: Optional[str] = None
-    """MLflow run name; null lets MLflow pick one."""
-    run_id_file: str = "metrics/run_id.txt"
-    """Written by `train`, read by later stages so the whole pipeline logs into one run."""
+    """MLflow run name; null names it from the stage and its key params (e.g. `train r16 lr3e-04 s20`)."""
+    parent_run_id: Optional[str] = None
+    """MLflow run to nest the training run under (`tune` sets it to the study's run for every trial)."""
+
+    def _checks(self) -> Check:
+        yield "uri", bool(self.uri.strip()), "must not be empty"
+        yield "experiment", bool(self.experiment.strip()), "must not be empty"
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -194,9 +330,14 @@ class JudgeConfig:
     """Per-request timeout in seconds."""
     max_tokens: int = 2048
     """Longest MT-Bench judgment (FastChat uses 2048). AlpacaEval's annotator config sets its own (1 token)."""
-    cache_dir: str = ".cache/judge"
-    """On-disk cache of every judgment, one file per (judge model, base_url, prompt with the candidate output):
-    a rerun pays nothing twice and a killed run resumes. Keep it outside DVC outputs (DVC deletes those)."""
+
+    def _checks(self) -> Check:
+        yield "max_concurrency", self.max_concurrency >= 1, "must be >= 1"
+        yield "max_retries", self.max_retries >= 0, "must be >= 0"
+        yield "timeout_s", self.timeout_s > 0, "must be > 0"
+        yield "max_tokens", self.max_tokens >= 1, "must be >= 1"
+        yield "base_url", self.base_url is None or self.base_url.startswith(("http://", "https://")), \
+            "must be an http(s) URL or null"
 
 
 @dataclass
@@ -213,23 +354,23 @@ class GenerationConfig:
     batch_size: int = 8
     """Prompts generated (and sequences scored) together."""
 
+    def _checks(self) -> Check:
+        yield "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"
+        yield "temperature", self.temperature >= 0, "must be >= 0"
+        yield "top_p", 0 < self.top_p <= 1, "must be in (0, 1]"
+        yield "repetition_penalty", self.repetition_penalty > 0, "must be > 0"
+        yield "batch_size", self.batch_size >= 1, "must be >= 1"
+
 
 @dataclass
 class EvaluateConfig:
-    output_file: str = "metrics/eval.json"
-    """The base-vs-tuned table (DVC metrics); a markdown rendering is written beside it (.md)."""
-    plots_dir: str = "plots/eval"
-    """Charts: base vs tuned bars with 95% CIs, deltas, MT-Bench radar."""
-    outputs_dir: str = "metrics/eval_outputs"
-    """Generated answers (AlpacaEval's model_outputs format, FastChat's answer format, ROUGE rows) and
-    judgments, for inspection."""
     candidate_endpoint: Optional[str] = None
     """URL of an `mlflow models serve` endpoint answering for the tuned model in the generation benchmarks
     (rouge, alpaca_eval, mt_bench). Likelihood benchmarks (test_loss, reference_nll, lm_eval) need weights and
-    still use the adapter in train.output_dir."""
+    still use the adapter in paths.adapter."""
     benchmarks: list[str] = field(default_factory=lambda: ["test_loss", "reference_nll", "rouge", "alpaca_eval", "mt_bench"])
     """Which benchmarks to run: test_loss, reference_nll, rouge, alpaca_eval, mt_bench, lm_eval. Those that
-    cannot run (no judge, missing data) are recorded as skipped with the reason."""
+    cannot run (no judge, data not available offline) are recorded as skipped with the reason."""
     test_rows: Optional[int] = 64
     """Test-split rows for loss/perplexity (a seeded sample); null uses all."""
     rouge_rows: Optional[int] = 8
@@ -237,17 +378,19 @@ class EvaluateConfig:
     reference_rows: Optional[int] = 4
     """GPT-4 reference answers scored per source (AlpacaEval, MT-Bench turn 1) for reference_nll (long answers,
     ~400 tokens each: a CPU scores a few hundred tokens per second); null uses all."""
-    alpaca_eval_path: str = "../shared/data/alpaca_eval/gpt4_1106_preview_outputs.json"
-    """AlpacaEval 2's 805 instructions with the GPT-4-turbo reference outputs: a local JSON/JSONL file in
-    alpaca_eval's format, or the hub dataset `tatsu-lab/alpaca_eval` (needs network). Missing: skipped."""
+    alpaca_eval_data: str = "tatsu-lab/alpaca_eval"
+    """AlpacaEval 2's 805 instructions with the GPT-4-turbo reference outputs: the hub dataset alpaca_eval itself
+    reads (needs network), or a local JSON/JSONL file in alpaca_eval's format. Unavailable: skipped."""
     alpaca_eval_rows: Optional[int] = 8
     """Instructions evaluated (a seeded sample); null uses all 805."""
     alpaca_eval_annotator: str = "weighted_alpaca_eval_gpt4_turbo"
     """alpaca_eval annotator config (its prompt and parser; the judge is evaluate.judge): a name shipped with
     alpaca_eval or a path to a configs.yaml. AlpacaEval 2's default is weighted_alpaca_eval_gpt4_turbo."""
-    mt_bench_dir: str = "../shared/data/mt_bench"
-    """Directory with question.jsonl, judge_prompts.jsonl and reference_answer_gpt-4.jsonl (FastChat's files).
-    Missing: skipped."""
+    mt_bench_data: str = "lmsys/mt-bench"
+    """FastChat's MT-Bench files (question.jsonl, judge_prompts.jsonl, reference_answer/gpt-4.jsonl): the hub
+    Space FastChat downloads from (needs network), or a local directory holding the three files (the reference
+    answers directly in it as reference_answer_gpt-4.jsonl, or under reference_answer/gpt-4.jsonl).
+    Unavailable: skipped."""
     mt_bench_rows: Optional[int] = 8
     """Questions evaluated (taken round-robin over the 8 categories); null uses all 80."""
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "bbh", "arc_challenge", "truthfulqa_mc2"])
@@ -268,6 +411,23 @@ class EvaluateConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """LLM judge for AlpacaEval and MT-Bench."""
 
+    def _checks(self) -> Check:
+        from .evaluate.benchmarks import BENCHMARKS
+
+        for b in self.benchmarks:
+            yield ("benchmarks", *_one_of(b, list(BENCHMARKS), "benchmark"))
+        yield "benchmarks", len(set(self.benchmarks)) == len(self.benchmarks), "lists a benchmark twice"
+        for key in ("test_rows", "rouge_rows", "reference_rows", "alpaca_eval_rows", "mt_bench_rows", "lm_eval_limit"):
+            yield key, _rows_ok(getattr(self, key)), "must be >= 1 or null (all)"
+        yield "bootstrap_samples", self.bootstrap_samples >= 100, "must be >= 100"
+        yield "lm_eval_tasks", "lm_eval" not in self.benchmarks or bool(self.lm_eval_tasks), \
+            "must name at least one task when lm_eval is in evaluate.benchmarks"
+        shots = self.lm_eval_num_fewshot
+        yield "lm_eval_num_fewshot", shots is None or (min(shots.values(), default=0) if isinstance(shots, dict)
+                                                       else shots) >= 0, "must be >= 0"
+        ep = self.candidate_endpoint
+        yield "candidate_endpoint", ep is None or ep.startswith(("http://", "https://")), "must be an http(s) URL or null"
+
 
 # ----------------------------------------------------------------------------------------- register
 @dataclass
@@ -277,11 +437,11 @@ class RegisterConfig:
     alias: str = "champion"
     """Alias given to the best version."""
     metric: str = "test_loss.tuned"
-    """Key in the evaluate output whose value decides promotion."""
-    direction: Literal["minimize", "maximize"] = "minimize"
-    """Whether lower or higher `metric` is better."""
-    output_file: str = "metrics/register.json"
-    """Version, decision and both numbers (DVC metrics)."""
+    """What decides promotion: `<row>.<base|tuned|delta>` of the evaluate table (e.g. `rouge_l.tuned`), or
+    `train.<key>` of the train metrics (e.g. `train.best_eval_loss`)."""
+    direction: Optional[Literal["minimize", "maximize"]] = None
+    """Whether lower or higher `metric` is better; null takes it from the metric (losses minimise, scores and
+    win rates maximise)."""
     log_base_weights: bool = False
     """Copy the base model's weights into the logged model (self-contained, large). False records the
     base model's absolute local path instead, which must exist where the model is served."""
@@ -292,10 +452,121 @@ class RegisterConfig:
     max_new_tokens_limit: int = 2048
     """Served model: largest `max_new_tokens` a request may ask for."""
 
+    def _checks(self) -> Check:
+        for key in ("max_request_rows", "max_input_chars", "max_new_tokens_limit"):
+            yield key, getattr(self, key) >= 1, "must be >= 1"
+        yield "model_name", bool(self.model_name.strip()), "must not be empty"
+        yield "alias", bool(re.fullmatch(r"[A-Za-z_][\w-]*", self.alias)), "must be a name (letters, digits, _ and -)"
+
+
+# --------------------------------------------------------------------------------------------- tune
+@dataclass
+class TuneConfig:
+    study: str = "llmft"
+    """Optuna study name: a rerun with the same name continues it (also the MLflow parent run's name)."""
+    storage: str = "sqlite:///optuna.db"
+    """Optuna RDB storage URL: a SQLite file in the project, or e.g. postgresql://user@host:5432/db that several
+    workers (processes or machines) share."""
+    n_trials: int = 4
+    """Trials the study should have complete or pruned; workers stop once that many are done or running."""
+    timeout_s: Optional[float] = None
+    """Stop this worker after this many seconds (the trial in progress finishes); null: no limit."""
+    objective: str = "train.eval_loss"
+    """What a trial is ranked by, in `register.metric` syntax: `train.<key>` (training's validation loss by
+    default) or an evaluate metric such as `rouge_l.tuned`, in which case evaluate runs after each trial."""
+    direction: Optional[Literal["minimize", "maximize"]] = None
+    """null takes it from the objective (losses minimise, scores maximise)."""
+    sampler: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
+    """Optuna sampler. `grid` needs categorical choices or a step on every float/int range."""
+    sampler_startup_trials: int = 2
+    """Random trials before TPE / CMA-ES start to model the space."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Optuna pruner, fed the validation loss at every evaluation (train.eval_steps)."""
+    pruner_startup_trials: int = 1
+    """Trials that run to the end before the median pruner may stop others."""
+    pruner_warmup_steps: int = 0
+    """Steps of a trial before it may be pruned."""
+    seed: int = 42
+    """Sampler seed."""
+    heartbeat_s: int = 10
+    """Trial heartbeat; a trial silent for twice this long (its worker was killed) is failed and retried."""
+    promote: bool = True
+    """Register the best trial's adapter and promote it by register.metric, as `register` does."""
+    space: dict[str, dict] = field(default_factory=lambda: {
+        "train.learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True},
+        "train.lora.r": {"type": "categorical", "choices": [8, 16, 32]}})
+    """Search space keyed by params keys: `{type: float|int, low, high, log?, step?}` or
+    `{type: categorical, choices: [...]}`; every value must be valid for its key."""
+
+    def _checks(self) -> Check:
+        yield "n_trials", self.n_trials >= 1, "must be >= 1"
+        yield "timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"
+        yield "heartbeat_s", self.heartbeat_s >= 1, "must be >= 1"
+        for key in ("sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_steps"):
+            yield key, getattr(self, key) >= 0, "must be >= 0"
+        yield "study", bool(self.study.strip()) and "/" not in self.study, "must be a name (no '/': it names a folder)"
+        yield "storage", "://" in self.storage, "must be an RDB URL (sqlite:///file.db, postgresql://...)"
+        yield "space", bool(self.space), "must name at least one key to search"
+
+
+SPACE_TYPES = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+               "categorical": {"choices"}}
+NOT_SEARCHABLE = ("paths.", "tracking.", "tune.")
+
+
+def _space_problems(cfg: "Config", raw: dict) -> Check:
+    """Each search key must be a params key, each distribution well-formed, and every value it can take
+    (the choices, or both bounds) a valid value for its key: checked by loading the config with it."""
+    keys = set(all_keys())
+    for key, d in cfg.tune.space.items():
+        path = f"tune.space.{key}"
+        if key not in keys or key.startswith(NOT_SEARCHABLE):
+            yield path, False, f"is not a searchable params key{suggest(key)}"
+            continue
+        kind = d.get("type") if isinstance(d, dict) else None
+        if kind not in SPACE_TYPES:
+            yield path, False, f"needs type float, int or categorical, got {d!r}"
+            continue
+        extra = set(d) - SPACE_TYPES[kind] - {"type"}
+        yield path, not extra, f"has unknown field(s) {sorted(extra)} for type {kind}"
+        if kind == "categorical":
+            values = d.get("choices")
+            if not isinstance(values, list) or not values:
+                yield path, False, "needs a non-empty list of choices"
+                continue
+        else:
+            lo, hi = d.get("low"), d.get("high")
+            num = (int,) if kind == "int" else (int, float)
+            if not all(isinstance(v, num) and not isinstance(v, bool) for v in (lo, hi)) or not lo < hi:
+                yield path, False, f"needs numbers low < high (type {kind}), got low={lo!r} high={hi!r}"
+                continue
+            if d.get("log") and lo <= 0:
+                yield path, False, "log scale needs low > 0"
+                continue
+            if d.get("log") and d.get("step"):
+                yield path, False, "cannot have both log and step"
+                continue
+            values = [lo, hi]
+        if cfg.tune.sampler == "grid" and kind != "categorical" and not d.get("step"):
+            yield path, False, "the grid sampler needs choices or a step"
+        for v in values:
+            trial = copy.deepcopy(raw)
+            node = trial
+            for part in key.split(".")[:-1]:
+                node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+            node[key.rsplit(".", 1)[-1]] = v
+            errors: list[tuple[str, str]] = []
+            _run_checks(_build(Config, trial, "", errors), "", errors)
+            bad = [msg for k, msg in errors if k == key or k.startswith(key + ".") or k.startswith("register.")]
+            if bad:
+                yield path, False, f"value {v!r} is invalid: {bad[0]}"
+
 
 # ---------------------------------------------------------------------------------------------- all
 @dataclass
 class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Where every stage writes (dvc.yaml reads the same keys)."""
     data: DataConfig = field(default_factory=DataConfig)
     """prepare stage."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -308,9 +579,80 @@ class Config:
     """evaluate stage."""
     register: RegisterConfig = field(default_factory=RegisterConfig)
     """register stage."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """tune verb: Optuna search over training."""
+
+    def _checks(self) -> Check:
+        """Rules between blocks."""
+        from . import metrics
+
+        yield "train.qlora.enabled", not (self.train.qlora.enabled and self.model.random_init), \
+            "cannot be combined with model.random_init (quantise saved weights instead)"
+        yield "register.max_new_tokens_limit", \
+            self.evaluate.generation.max_new_tokens <= self.register.max_new_tokens_limit, \
+            (f"({self.register.max_new_tokens_limit}) is below evaluate.generation.max_new_tokens "
+             f"({self.evaluate.generation.max_new_tokens}): the served model would refuse its own default")
+        for key, problem in metrics.problems(self.register.metric, self.register.direction, self.evaluate.benchmarks):
+            yield f"register.{key}", False, problem
+        for key, problem in metrics.problems(self.tune.objective, self.tune.direction, self.evaluate.benchmarks):
+            yield f"tune.{'objective' if key == 'metric' else key}", False, problem
+
+
+# Keys that moved, with where they live now (old params files get a pointer, not just "unknown").
+MOVED = {
+    "data.output_dir": "paths.data", "model.cache_dir": "paths.base_cache", "train.output_dir": "paths.adapter",
+    "train.checkpoint_dir": "paths.checkpoints", "train.metrics_file": "paths.train_metrics",
+    "train.plots_dir": "paths.train_plots", "tracking.run_id_file": "paths.run_id",
+    "evaluate.output_file": "paths.eval_metrics", "evaluate.plots_dir": "paths.eval_plots",
+    "evaluate.outputs_dir": "paths.eval_dir", "evaluate.judge.cache_dir": "paths.judge_cache",
+    "register.output_file": "paths.register_metrics", "evaluate.mt_bench_dir": "evaluate.mt_bench_data",
+    "evaluate.alpaca_eval_path": "evaluate.alpaca_eval_data",
+}
+# What other trainers call our keys (HF TrainingArguments, axolotl, PEFT): a user's habit gets an answer.
+ALIASES = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length", "sequence_len": "max_length",
+    "lr_scheduler_type": "lr_scheduler", "optimizer": "optim", "lora_r": "r", "rank": "r", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "lora_target_modules": "target_modules", "bf16": "precision", "fp16": "precision",
+    "base_model": "base", "model_name_or_path": "base", "dataset": "source", "val_set_size": "splits",
+}
 
 
 # ------------------------------------------------------------------------------------------ loading
+def all_keys(cls=None, prefix: str = "", blocks: bool = False) -> list[str]:
+    """Every dotted key, e.g. `train.lora.r` (and the blocks themselves, `train.lora`, with blocks=True)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{prefix}{f.name}"] * blocks + all_keys(hints[f.name], f"{prefix}{f.name}.", blocks)
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def suggest(path: str) -> str:
+    """' (did you mean ...?)' for an unknown dotted key, or ''."""
+    if path in MOVED:
+        return f" (moved to '{MOVED[path]}')"
+    keys = all_keys(blocks=True)
+    block, _, leaf = path.rpartition(".")
+    found = []
+    if leaf in ALIASES:
+        found += [k for k in keys if k.rpartition(".")[2] == ALIASES[leaf] and k.startswith(block)]
+    siblings = [k for k in keys if k.rpartition(".")[0] == block]
+    # abbreviations (`lr` for learning_rate: initials), then the right name in another block (`train.r`)
+    found += [k for k in siblings if "".join(w[0] for w in k.rpartition(".")[2].split("_")) == leaf]
+    found += [k for k in keys if k.rpartition(".")[2] == leaf]
+    if not found:  # typos
+        found += difflib.get_close_matches(path, siblings, n=2, cutoff=0.75) or \
+            difflib.get_close_matches(path, keys, n=2, cutoff=0.8)
+    found = list(dict.fromkeys(k for k in found if k != path))[:3]
+    return f" (did you mean {' or '.join(repr(k) for k in found)}?)" if found else ""
+
+
 def _key_lines(text: str) -> dict[str, int]:
     """Map dotted key paths to their 1-based line in the YAML text."""
     lines: dict[str, int] = {}
@@ -365,58 +707,45 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
 
 
-def _build(cls, raw: dict, prefix: str, where):
+def _build(cls, raw: dict, prefix: str, errors: list[tuple[str, str]]):
+    """The dataclass from raw YAML; every problem is appended to `errors` as (key, message) and the
+    offending value left at its default, so one load reports everything."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise LlmftError(f"{where(path)}: unknown key '{path}'{hint}")
+            errors.append((path, f"unknown key '{path}'{suggest(path)}"))
+            continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue  # an empty block (`train:` with nothing under it) means all defaults
             if not isinstance(value, dict):
-                raise LlmftError(f"{where(path)}: '{path}' must be a mapping")
-            kwargs[key] = _build(tp, value, f"{path}.", where)
+                errors.append((path, f"'{path}' must be a mapping"))
+                continue
+            kwargs[key] = _build(tp, value, f"{path}.", errors)
         elif tp is float and isinstance(value, str) and _is_float(value):
             kwargs[key] = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         elif not _check_type(value, tp):
-            raise LlmftError(f"{where(path)}: '{path}' = {value!r} is not {_type_name(tp)}")
+            errors.append((path, f"'{path}' = {value!r} is not {_type_name(tp)}"))
         else:
             kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
 
 
-def _validate(cfg: Config, where) -> None:
-    """Range checks that types cannot express."""
-    checks = [
-        ("data.splits", len(cfg.data.splits) == 3 and abs(sum(cfg.data.splits) - 1) < 1e-6
-         and all(0 <= s <= 1 for s in cfg.data.splits), "must be three fractions in [0, 1] summing to 1"),
-        ("data.max_rows", cfg.data.max_rows is None or cfg.data.max_rows > 0, "must be positive or null"),
-        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
-        ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
-        ("train.learning_rate", cfg.train.learning_rate > 0, "must be > 0"),
-        ("train.max_length", cfg.train.max_length >= 8, "must be >= 8"),
-        ("train.epochs", cfg.train.epochs > 0, "must be > 0"),
-        ("train.lora.r", cfg.train.lora.r >= 1, "must be >= 1"),
-        ("train.lora.dropout", 0 <= cfg.train.lora.dropout < 1, "must be in [0, 1)"),
-        ("train.warmup_ratio", 0 <= cfg.train.warmup_ratio <= 1, "must be in [0, 1]"),
-        ("train.logging_steps", cfg.train.logging_steps >= 1, "must be >= 1"),
-        ("train.eval_steps", cfg.train.eval_steps >= 1, "must be >= 1"),
-        ("train.save_steps", cfg.train.save_steps >= 1, "must be >= 1"),
-        ("evaluate.generation.max_new_tokens", cfg.evaluate.generation.max_new_tokens >= 1, "must be >= 1"),
-        ("evaluate.generation.temperature", cfg.evaluate.generation.temperature >= 0, "must be >= 0"),
-        ("evaluate.generation.top_p", 0 < cfg.evaluate.generation.top_p <= 1, "must be in (0, 1]"),
-        ("evaluate.bootstrap_samples", cfg.evaluate.bootstrap_samples >= 100, "must be >= 100"),
-    ]
-    tm = cfg.train.lora.target_modules
-    checks.append(("train.lora.target_modules", tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)),
-                   "must be 'all-linear' or a list of module names"))
-    for path, ok, msg in checks:
+def _run_checks(node, prefix: str, errors: list[tuple[str, str]]) -> None:
+    """Every block's `_checks`, innermost first, collected into `errors`."""
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            _run_checks(child, f"{prefix}{f.name}.", errors)
+    # values that failed their type check were left at their defaults, so the rules see sane types
+    for key, ok, msg in node._checks() if hasattr(node, "_checks") else ():
         if not ok:
-            raise LlmftError(f"{where(path)}: '{path}' {msg}")
+            path = f"{prefix}{key}"
+            errors.append((path, f"'{path}' {msg}"))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -429,10 +758,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise LlmftError(f"override '{text}': value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read params.yaml (a missing file means all defaults), apply key=value overrides, validate."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
+def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """(mapping, key -> line) of a params file; a missing file is empty."""
+    text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(text)
@@ -441,11 +769,16 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         line = f":{mark.line + 1}" if mark else ""
         raise LlmftError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise LlmftError(f"{path}: top level must be a mapping of blocks (data, model, train, ...)")
-    override_keys = set()
+        raise LlmftError(f"{path}: top level must be a mapping of blocks (paths, data, model, train, ...)")
+    return raw, lines
+
+
+def apply_overrides(raw: dict, overrides) -> set[str]:
+    """Set each key=value into the nested mapping; returns the keys set."""
+    keys = set()
     for item in overrides:
         key, value = parse_override(item)
-        override_keys.add(key)
+        keys.add(key)
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
@@ -453,18 +786,56 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
             if not isinstance(node, dict):
                 raise LlmftError(f"override '{item}': '{p}' is not a block")
         node[parts[-1]] = value
+    return keys
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read params.yaml (a missing file means all defaults), apply key=value overrides, validate all of it."""
+    path = Path(path)
+    raw, lines = read_yaml(path)
+    override_keys = apply_overrides(raw, overrides)
 
     def where(key: str) -> str:
-        if key in override_keys:
+        if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in override_keys):
             return "command-line override"
         parent = key
         while parent and parent not in lines:
             parent = parent.rpartition(".")[0]
         return f"{path}:{lines[parent]}" if parent else str(path)
 
-    cfg = _build(Config, raw, "", where)
-    _validate(cfg, where)
+    errors: list[tuple[str, str]] = []
+    cfg = _build(Config, raw, "", errors)
+    _run_checks(cfg, "", errors)
+    if not errors:  # the search space is checked against a config that is otherwise valid
+        errors += [(k, f"'{k}' {msg}") for k, ok, msg in _space_problems(cfg, raw) if not ok]
+    if errors:
+        raise LlmftError("\n".join(f"{where(key)}: {msg}" for key, msg in errors))
     return cfg
+
+
+def validate(cfg: Config) -> None:
+    """The load-time rules again, on a config changed in code (a tune trial's)."""
+    errors: list[tuple[str, str]] = []
+    _run_checks(cfg, "", errors)
+    if errors:
+        raise LlmftError("\n".join(msg for _, msg in errors))
+
+
+def set_key(cfg: Config, key: str, value) -> None:
+    """cfg.<block>.<key> = value for a dotted key (a tune trial's values and folders)."""
+    *blocks, leaf = key.split(".")
+    node = cfg
+    for b in blocks:
+        node = getattr(node, b)
+    if not hasattr(node, leaf):
+        raise LlmftError(f"unknown key '{key}'{suggest(key)}")
+    setattr(node, leaf, value)
+
+
+def rebased_paths(root: str | Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """Overrides that put every artifact but those in `keep` under `root`, in the default layout: a tune
+    trial's own folders, or a test's."""
+    return [f"paths.{k}={Path(root) / v}" for k, v in dataclasses.asdict(PathsConfig()).items() if k not in keep]
 
 
 def to_dict(cfg) -> dict:
@@ -483,7 +854,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every key, from the attribute docstrings in this file (for --help)."""
+    """(key, default, doc) for every key, from the attribute docstrings in this file (for `llmft params`)."""
     import ast
     import inspect
 

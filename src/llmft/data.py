@@ -1,12 +1,14 @@
 """prepare: load → clean → format → split → write, atomically.
 
 Sources: the embedded sample, a local JSONL/JSON/CSV/parquet file, or a hub dataset id. Output:
-`{output_dir}/{train,validation,test}.jsonl` (Dolly's columns plus templated `prompt`/`completion`)
-and `metrics/data.json` (rows per split and category, dropped counts, token-length percentiles).
+`paths.data/{train,validation,test}.jsonl` (Dolly's columns plus templated `prompt`/`completion`),
+`paths.data/stats.json` (provenance, drops by reason, rows per split and category, token lengths) and a
+flat summary for DVC in `paths.data_metrics`.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import re
@@ -14,7 +16,7 @@ from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
 
-from .config import Config, DataConfig, LlmftError
+from .config import MIN_ROWS, Config, DataConfig, LlmftError
 from .models import atomic_dir, load_tokenizer, resolve_base
 from .templates import format_example
 from .tracking import write_json
@@ -22,7 +24,7 @@ from .tracking import write_json
 COLUMNS = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
 SPLITS = ("train", "validation", "test")
-STATS_FILE = "metrics/data.json"
+STATS = "stats.json"
 
 
 def embedded_sample() -> Path:
@@ -49,6 +51,17 @@ def _check_row(row, where: str, columns: dict[str, str]) -> dict:
     return out
 
 
+def _decode(path: Path) -> str:
+    """The file as text: UTF-8, a leading BOM dropped; undecodable bytes name their line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise LlmftError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         "re-save the file as UTF-8") from None
+
+
 def _read_file(path: Path, columns: dict[str, str]) -> list[dict]:
     suffix = path.suffix.lower()
     if not path.exists():
@@ -57,18 +70,17 @@ def _read_file(path: Path, columns: dict[str, str]) -> list[dict]:
         raise LlmftError(f"{path}: file is empty")
     rows = []
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LlmftError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-                rows.append(_check_row(obj, f"{path}:{n}", columns))
+        for n, line in enumerate(_decode(path).splitlines(), 1):  # splitlines: CRLF too
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LlmftError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(obj, f"{path}:{n}", columns))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_decode(path))
         except json.JSONDecodeError as e:
             raise LlmftError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -77,7 +89,16 @@ def _read_file(path: Path, columns: dict[str, str]) -> list[dict]:
     elif suffix in (".csv", ".parquet"):
         import pandas as pd
 
-        df = pd.read_csv(path, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
+        try:
+            if suffix == ".csv":
+                df = pd.read_csv(io.StringIO(_decode(path)), dtype=str, keep_default_na=False)
+            else:
+                df = pd.read_parquet(path)
+        except LlmftError:
+            raise
+        except Exception as e:  # pandas/pyarrow raise many types for a malformed file
+            raise LlmftError(f"{path}: not a readable {suffix[1:].upper()} file ({type(e).__name__}: "
+                             f"{str(e).strip()[:200]})") from None
         # CSV line numbers count the header as line 1.
         offset = 2 if suffix == ".csv" else 1
         label = "line" if suffix == ".csv" else "row"
@@ -103,7 +124,8 @@ def load_rows(cfg: DataConfig) -> tuple[list[dict], dict]:
     try:
         ds = load_dataset(src, split=cfg.hub_split)
     except Exception as e:  # datasets raises many types for offline / missing
-        raise LlmftError(f"data.source: could not load hub dataset '{src}' split '{cfg.hub_split}': {e}") from None
+        raise LlmftError(f"data.source: could not load hub dataset '{src}' split '{cfg.hub_split}' "
+                         f"({type(e).__name__}: {str(e)[:200]}); offline, point data.source at a local file") from None
     rows = [_check_row(r, f"{src}[{i}]", cfg.columns) for i, r in enumerate(ds)]
     return rows, {"source": src, "split": cfg.hub_split, "sha256": ds._fingerprint}
 
@@ -134,31 +156,63 @@ def clean(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
 
 
 # -------------------------------------------------------------------------------------- splitting
+def allocate(total: int, weights: dict) -> dict:
+    """Largest-remainder apportionment: integer shares of `total` proportional to `weights`, summing to
+    `total` exactly (Hamilton's method; ties broken by key order, so it is deterministic)."""
+    wsum = sum(weights.values())
+    quotas = {k: total * w / wsum for k, w in weights.items()}
+    shares = {k: int(q) for k, q in quotas.items()}
+    for k in sorted(quotas, key=lambda k: (-(quotas[k] - shares[k]), str(k)))[:total - sum(shares.values())]:
+        shares[k] += 1
+    return shares
+
+
 def split(rows: list[dict], fractions: list[float], seed: int, max_rows: int | None = None) -> dict[str, list[dict]]:
-    """Stratified by category; rows sharing (instruction, context) stay in one split, so no prompt leaks."""
+    """Split sizes follow the global fractions; each split's categories follow the data's (stratified);
+    rows sharing (instruction, context) stay in one split, so no prompt leaks.
+
+    Units are prompt groups. Sizes per split come from the fractions (largest remainder, at least one
+    group for each non-zero fraction); each split's share of every category comes from a second
+    largest-remainder pass, so a category of 5 rows still lands 4/1/0 or 3/1/1, not 5/0/0 by rounding
+    every category on its own.
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["instruction"], row["context"])].append(row)
-    by_cat: dict[str, list[tuple]] = defaultdict(list)
-    for key, members in groups.items():
-        by_cat[members[0]["category"]].append(key)
     rng = random.Random(seed)
-    total_groups = len(groups)
-    keep = min(max_rows, total_groups) if max_rows else total_groups
+    keys = sorted(groups)
+    rng.shuffle(keys)
+    by_cat: dict[str, list[tuple]] = defaultdict(list)
+    for key in keys:
+        by_cat[groups[key][0]["category"]].append(key)
+    if max_rows and max_rows < len(keys):
+        keep = allocate(max_rows, {c: len(v) for c, v in by_cat.items()})
+        by_cat = {c: v[:keep[c]] for c, v in by_cat.items() if keep[c]}
+    n = sum(len(v) for v in by_cat.values())
+    if n < MIN_ROWS:
+        raise LlmftError(f"data.source: {n} distinct prompts after cleaning ({len(rows)} rows); "
+                         f"at least {MIN_ROWS} are needed for train/validation/test splits")
+    sizes = allocate(n, dict(zip(SPLITS, fractions)))
+    for s, frac in zip(SPLITS, fractions):  # a requested split never rounds to nothing
+        if frac > 0 and sizes[s] == 0:
+            donor = max(sizes, key=sizes.get)
+            sizes[donor] -= 1
+            sizes[s] = 1
+    # per split, how many groups of each category: proportional to the category's size
+    remaining = {c: len(v) for c, v in by_cat.items()}
+    take: dict[str, dict[str, int]] = {}
+    for s in ("validation", "test"):
+        # quota size * r_c / R <= r_c, so no category is asked for more groups than it has left
+        want = allocate(sizes[s], remaining) if sizes[s] else {c: 0 for c in remaining}
+        take[s] = want
+        remaining = {c: remaining[c] - want[c] for c in remaining}
     out = {s: [] for s in SPLITS}
-    for cat in sorted(by_cat):
-        keys = sorted(by_cat[cat])
-        rng.shuffle(keys)
-        n = round(len(keys) * keep / total_groups) if max_rows else len(keys)
-        keys = keys[:n]
-        n_val, n_test = round(n * fractions[1]), round(n * fractions[2])
-        parts = {"validation": keys[:n_val], "test": keys[n_val:n_val + n_test], "train": keys[n_val + n_test:]}
-        for s, ks in parts.items():
-            out[s] += [r for k in ks for r in groups[k]]
-    for s, frac in zip(SPLITS, fractions):
-        if frac > 0 and not out[s]:
-            raise LlmftError(f"data.splits: the {s} split rounds to zero rows ({len(rows)} rows, fraction {frac}); "
-                             "use more data or a larger fraction")
+    for cat, ks in sorted(by_cat.items()):
+        n_val, n_test = take["validation"][cat], take["test"][cat]
+        parts = {"validation": ks[:n_val], "test": ks[n_val:n_val + n_test], "train": ks[n_val + n_test:]}
+        for s, part in parts.items():
+            out[s] += [r for k in part for r in groups[k]]
+    for s in SPLITS:
         rng.shuffle(out[s])
     return out
 
@@ -172,7 +226,7 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 
 
 def prepare(cfg: Config) -> None:
-    dc = cfg.data
+    dc, paths = cfg.data, cfg.paths
     raw, provenance = load_rows(dc)
     rows, dropped = clean(raw)
     if not rows:
@@ -181,9 +235,9 @@ def prepare(cfg: Config) -> None:
 
     tok = None
     if dc.template == "model_chat" or dc.stats_tokenizer:
-        tok = load_tokenizer(resolve_base(cfg.model), cfg.model.revision)
+        tok = load_tokenizer(resolve_base(cfg), cfg.model.revision)
     stats = {"provenance": provenance, "template": dc.template, "rows_in": len(raw), "dropped": dropped, "splits": {}}
-    with atomic_dir(Path(dc.output_dir)) as tmp:
+    with atomic_dir(Path(paths.data)) as tmp:
         for name, part in splits.items():
             lengths = []
             with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
@@ -195,8 +249,19 @@ def prepare(cfg: Config) -> None:
                         lengths.append(len(tok(row["prompt"] + row["completion"]).input_ids) + 1)  # + EOS
             stats["splits"][name] = {"rows": len(part), "categories": dict(sorted(Counter(r["category"] for r in part).items())),
                                      "tokens": _percentiles(lengths)}
-    write_json(STATS_FILE, stats)
+        write_json(tmp / STATS, stats)
+    write_json(paths.data_metrics, summary(stats))
     s = stats["splits"]
     print(f"prepare: {len(raw)} rows from {dc.source} -> train {s['train']['rows']} / validation "
           f"{s['validation']['rows']} / test {s['test']['rows']} (dropped {sum(dropped.values())}: {dropped}); "
-          f"template {dc.template}; wrote {dc.output_dir}/ and {STATS_FILE}")
+          f"template {dc.template}; wrote {paths.data}/")
+
+
+def summary(stats: dict) -> dict:
+    """The few numbers worth a column in `dvc exp show`: rows per split, drops, token lengths."""
+    out = {"rows_in": stats["rows_in"], "dropped": sum(stats["dropped"].values())}
+    for name, s in stats["splits"].items():
+        out[f"{name}_rows"] = s["rows"]
+    tokens = stats["splits"]["train"]["tokens"]
+    out.update({f"train_tokens_{k}": tokens[k] for k in ("p50", "p90", "max") if k in tokens})
+    return out

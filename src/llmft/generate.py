@@ -9,8 +9,10 @@ from typing import Optional
 from .config import GenerationConfig
 
 
-def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype=None):
-    """(model, tokenizer) ready for inference; the tokenizer is the adapter's when it saved one."""
+def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype=None,
+         trust_remote_code: bool = False, use_safetensors: Optional[bool] = True):
+    """(model, tokenizer) ready for inference; the tokenizer is the adapter's when it saved one.
+    Safe by default: no code from the hub, safetensors weights only (models.load_kwargs relaxes both)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -18,7 +20,8 @@ def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None,
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=use_safetensors)
     tok_src = base
     if adapter:
         from pathlib import Path
@@ -28,7 +31,7 @@ def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None,
         model = PeftModel.from_pretrained(model, adapter)
         if (Path(adapter) / "tokenizer_config.json").exists():
             tok_src = adapter
-    tok = load_tokenizer(tok_src)
+    tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     return model, tok
 

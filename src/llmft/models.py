@@ -8,7 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import LlmftError, ModelConfig
+from .config import Config, LlmftError
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -73,20 +73,23 @@ def materialise_embedded(cache_dir: str | Path) -> Path:
     return out
 
 
-def resolve_base(cfg: ModelConfig) -> str:
-    """A path or hub id that from_pretrained accepts."""
-    if cfg.base == EMBEDDED:
-        return str(materialise_embedded(cfg.cache_dir))
-    if os.path.isdir(cfg.base):
-        if not (Path(cfg.base) / "config.json").exists():
-            raise LlmftError(f"model.base: {cfg.base} is a directory without config.json")
-        return cfg.base
-    if cfg.base.count("/") == 1 and not cfg.base.startswith((".", "/")):
-        return cfg.base  # a hub id; from_pretrained downloads it or reads the HF cache
-    raise LlmftError(f"model.base: '{cfg.base}' is neither 'embedded', a model directory, nor a hub id (org/name)")
+def resolve_base(cfg: Config) -> str:
+    """A path or hub id that from_pretrained accepts (config validation has checked its shape)."""
+    base = cfg.model.base
+    if base == EMBEDDED:
+        return str(materialise_embedded(cfg.paths.base_cache))
+    if os.path.isdir(base) and not (Path(base) / "config.json").exists():
+        raise LlmftError(f"model.base: {base} is a directory without config.json")
+    return base  # a local model directory, or a hub id that from_pretrained downloads or finds in the HF cache
 
 
-def load_tokenizer(path: str, revision: str | None = None):
+def load_kwargs(cfg: Config) -> dict:
+    """from_pretrained's safety switches: no code from the hub, safetensors only, unless params allow them."""
+    return {"trust_remote_code": cfg.model.trust_remote_code,
+            "use_safetensors": None if cfg.model.allow_pickle else True}
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer, with a pad token distinct from EOS where the vocabulary has one to spare.
 
     If pad == eos, collators that mask pad positions also mask the EOS the model must learn, and the
@@ -94,7 +97,7 @@ def load_tokenizer(path: str, revision: str | None = None):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         vocab = tok.get_vocab()
         spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t and t != tok.eos_token and t in vocab]

@@ -68,7 +68,9 @@ class LlmftModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
         base = context.artifacts.get("base") or self.meta["base_model"]
-        self.model, self.tok = generate.load(base, context.artifacts["adapter"])
+        self.model, self.tok = generate.load(base, context.artifacts["adapter"],
+                                             trust_remote_code=self.meta.get("trust_remote_code", False),
+                                             use_safetensors=self.meta.get("use_safetensors", True))
         # The scoring server runs requests in threads; generate() flips the shared tokenizer's padding side.
         self.lock = threading.Lock()
 

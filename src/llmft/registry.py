@@ -1,21 +1,27 @@
 """register stage: log the tuned model to MLflow, register it, promote it by evidence.
 
-The candidate gets the alias (`champion`) only when it beats the current champion on the configured
-metric of the evaluate output. Each version carries its metric value as a tag, so later candidates
-compare against the registry, not against files that may have changed. The decision and both numbers
-are tags on the new version and go to `register.output_file`.
+    python -m llmft register
+    python -m llmft register register.metric=rouge_l.tuned
+
+The candidate gets the alias (`champion`) only when it beats the current champion on `register.metric`
+(a metric reference: metrics.py). Each version carries its metric value as a tag, so later candidates
+compare against the registry, not against files that may have changed. The decision is taken under a
+lock, after the version exists, so two processes promoting at once end with one champion whose tags
+agree. The decision and both numbers are tags on the new version and go to `paths.register_metrics`.
+`tune` promotes its best trial through `promote` too.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata as md
-import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from . import models, tracking
+from . import metrics, models, tracking
 from .config import Config, LlmftError, to_dict
 
 # What the served model imports; pinned to this environment's versions. Passed explicitly because
@@ -26,33 +32,6 @@ SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "peft", "tokenizers",
 
 def metric_tag(metric: str) -> str:
     return f"metric.{metric}"
-
-
-def read_metric(path: str | Path, key: str) -> tuple[Optional[float], str]:
-    """(value, "") for a dotted key such as `test_loss.tuned`, or (None, why it is missing).
-
-    Metric names may themselves contain dots, so each step takes the longest prefix that is a key.
-    """
-    path = Path(path)
-    if not path.exists():
-        return None, f"{path} not found (run `llmft evaluate` first)"
-    try:
-        node = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LlmftError(f"{path}: not valid JSON ({e})") from None
-    parts = key.split(".")
-    while parts:
-        for n in range(len(parts), 0, -1):
-            head = ".".join(parts[:n])
-            if isinstance(node, dict) and head in node:
-                node, parts = node[head], parts[n:]
-                break
-        else:
-            why = f" ({node.get('status')}: {node.get('reason')})" if isinstance(node, dict) and "status" in node else ""
-            return None, f"'{key}' not found in {path}{why}"
-    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
-        return None, f"'{key}' in {path} is {node!r}, not a finite number"
-    return float(node), ""
 
 
 def decide(candidate: Optional[float], champion_version: Optional[str], champion: Optional[float],
@@ -70,23 +49,9 @@ def decide(candidate: Optional[float], champion_version: Optional[str], champion
     return better, "better" if better else "worse"
 
 
-def _check_direction(path: str | Path, metric: str, direction: str) -> None:
-    """Refuse e.g. `rouge_l.tuned` with `minimize`: it would promote worse models."""
-    name = metric.rsplit(".", 1)[0]
-    try:
-        row = json.loads(Path(path).read_text()).get(name, {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return
-    hib = row.get("higher_is_better") if isinstance(row, dict) else None
-    if hib is not None and metric.endswith((".base", ".tuned")) and (direction == "maximize") != hib:
-        want = "maximize" if hib else "minimize"
-        raise LlmftError(f"register.direction={direction} but {path} marks '{name}' as "
-                         f"{'higher' if hib else 'lower'} is better: set register.direction={want}")
-
-
 def local_base(cfg: Config) -> str:
     """The base model as an absolute local directory, so serving never reaches for the hub."""
-    base = models.resolve_base(cfg.model)
+    base = models.resolve_base(cfg)
     if os.path.isdir(base):
         return str(Path(base).resolve())
     from huggingface_hub import snapshot_download
@@ -119,7 +84,7 @@ def current_champion(client, name: str, alias: str, metric: str) -> tuple[Option
     return str(version), value if value is not None and math.isfinite(value) else None
 
 
-def log_model(cfg: Config, base: str, workdir: Path):
+def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None):
     """Log the pyfunc (adapter + llmft.json [+ base weights]) into the active run; returns MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -128,13 +93,14 @@ def log_model(cfg: Config, base: str, workdir: Path):
     from . import pyfunc_model
 
     r, gen = cfg.register, cfg.evaluate.generation
+    adapter = adapter or cfg.paths.adapter
     meta = {"template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
-            "base_model": base, "base_model_config": cfg.model.base,
+            "base_model": base, "base_model_config": cfg.model.base, **models.load_kwargs(cfg),
             "generation": to_dict(gen),
             "limits": {"max_rows": r.max_request_rows, "max_input_chars": r.max_input_chars,
                        "max_new_tokens": r.max_new_tokens_limit}}
     tracking.write_json(workdir / pyfunc_model.META, meta)
-    artifacts = {"adapter": str(Path(cfg.train.output_dir).resolve()), "meta": str(workdir / pyfunc_model.META)}
+    artifacts = {"adapter": str(Path(adapter).resolve()), "meta": str(workdir / pyfunc_model.META)}
     if r.log_base_weights:
         artifacts["base"] = base
     signature = ModelSignature(
@@ -153,48 +119,85 @@ def log_model(cfg: Config, base: str, workdir: Path):
 
 
 def register(cfg: Config) -> dict:
+    """The stage: the pipeline's adapter, judged by its own metrics files, through `promote`."""
+    r, paths = cfg.register, cfg.paths
+    ref = metrics.parse(r.metric)
+    candidate, missing_why, marked = metrics.read(ref, Path(paths.train_metrics), Path(paths.eval_dir) / "table.json")
+    direction = metrics.resolve_direction(ref, r.direction, marked)
+    with tracking.start_run(cfg, new=False):
+        result = promote(cfg, paths.adapter, candidate, direction, missing_why)
+    tracking.write_json(paths.register_metrics, result)
+    return result
+
+
+_held: set[str] = set()  # lock files this process holds: the lock is re-entrant (tune holds it around promote)
+
+
+@contextmanager
+def promotion_lock(cfg: Config):
+    """One promotion at a time for this registry: an exclusive lock beside a local store, or in the project's
+    .cache for a server (workers on one machine; see the README for several machines)."""
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///"):
+        where = Path(uri.removeprefix("sqlite:///")).parent
+    else:
+        where = Path(".cache")
+    where.mkdir(parents=True, exist_ok=True)
+    path = str((where / f".llmft-promote-{cfg.register.model_name}.lock").resolve())
+    if path in _held:  # a second flock on a new descriptor would wait for ourselves
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
+        _held.add(path)
+        try:
+            yield
+        finally:
+            _held.discard(path)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def promote(cfg: Config, adapter: str, candidate: Optional[float], direction: str, missing_why: str = "",
+            extra_tags: Optional[dict] = None) -> dict:
+    """Log the adapter as a model version in the active MLflow run, then promote it if `decide` says so.
+    Returns the decision record (also the version's tags)."""
     from mlflow import MlflowClient, register_model, set_tags
 
     r = cfg.register
-    for key, value in (("max_request_rows", r.max_request_rows), ("max_input_chars", r.max_input_chars),
-                       ("max_new_tokens_limit", r.max_new_tokens_limit)):
-        if value < 1:
-            raise LlmftError(f"register.{key} = {value} must be >= 1")
-    adapter = Path(cfg.train.output_dir)
-    if not (adapter / "adapter_config.json").exists():
-        raise LlmftError(f"train.output_dir: no PEFT adapter in {adapter} (run `llmft train` first)")
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise LlmftError(f"paths.adapter: no PEFT adapter in {adapter} (run `llmft train` first)")
     base = local_base(cfg)
-    candidate, missing_why = read_metric(cfg.evaluate.output_file, r.metric)
-    _check_direction(cfg.evaluate.output_file, r.metric, r.direction)
-
-    with tracking.start_run(cfg.tracking, new=False), tempfile.TemporaryDirectory() as tmp:
-        client = MlflowClient()
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        info = log_model(cfg, base, Path(tmp), adapter)
+    tags = {"promotion.metric": r.metric, "promotion.direction": direction, "promotion.candidate": repr(candidate),
+            **(extra_tags or {})}
+    if candidate is not None:
+        tags[metric_tag(r.metric)] = repr(candidate)  # repr round-trips the float exactly (ties stay ties)
+    else:
+        tags["promotion.missing"] = missing_why
+    version = str(register_model(info.model_uri, r.model_name, tags=tags).version)
+    # Decide only once the version exists and while no one else decides: a racing register then sees this
+    # version as the champion (or not) instead of both promoting over the same old champion.
+    with promotion_lock(cfg):
         champion_version, champion = current_champion(client, r.model_name, r.alias, r.metric)
-        promote, reason = decide(candidate, champion_version, champion, r.direction)
-        tags = {"promotion.decision": "promoted" if promote else "not_promoted", "promotion.reason": reason,
-                "promotion.metric": r.metric, "promotion.direction": r.direction,
-                "promotion.candidate": repr(candidate), "promotion.champion": repr(champion),
-                "promotion.champion_version": str(champion_version)}
-        if candidate is not None:
-            tags[metric_tag(r.metric)] = repr(candidate)  # repr round-trips the float exactly (ties stay ties)
-        else:
-            tags["promotion.missing"] = missing_why
-        info = log_model(cfg, base, Path(tmp))
-        version = str(register_model(info.model_uri, r.model_name, tags=tags).version)
-        if promote:
+        promote_it, reason = decide(candidate, champion_version, champion, direction)
+        decision = {"promotion.decision": "promoted" if promote_it else "not_promoted", "promotion.reason": reason,
+                    "promotion.champion": repr(champion), "promotion.champion_version": str(champion_version)}
+        for k, v in decision.items():
+            client.set_model_version_tag(r.model_name, version, k, v)
+        if promote_it:
             client.set_registered_model_alias(r.model_name, r.alias, version)
-        set_tags({"registry.model": r.model_name, "registry.version": version,
-                  "registry.decision": tags["promotion.decision"]})
-
+    set_tags({"registry.model": r.model_name, "registry.version": version,
+              "registry.decision": decision["promotion.decision"]})
     result = {"model_name": r.model_name, "version": int(version), "model_uri": f"models:/{r.model_name}/{version}",
-              "alias": r.alias, "promoted": promote, "decision": tags["promotion.decision"], "reason": reason,
-              "metric": r.metric, "direction": r.direction, "candidate": candidate, "champion": champion,
+              "alias": r.alias, "promoted": promote_it, "decision": decision["promotion.decision"], "reason": reason,
+              "metric": r.metric, "direction": direction, "candidate": candidate, "champion": champion,
               "champion_version": int(champion_version) if champion_version else None}
     if candidate is None:
         result["missing"] = missing_why
-    tracking.write_json(r.output_file, result)
     vs = f"{r.metric} {candidate} vs champion v{champion_version}: {champion}" if champion_version else f"{r.metric} {candidate}"
-    holder = version if promote else champion_version
-    print(f"register: {r.model_name} v{version} {tags['promotion.decision']} ({reason}; {vs}, {r.direction}); "
+    holder = version if promote_it else champion_version
+    print(f"register: {r.model_name} v{version} {decision['promotion.decision']} ({reason}; {vs}, {direction}); "
           f"@{r.alias} -> {'v' + str(holder) if holder else 'none'}")
     return result

@@ -1,6 +1,6 @@
 """MLflow run handling: one run per pipeline run, lineage tags, environment facts.
 
-`train` opens the run and writes its id to `tracking.run_id_file`; `evaluate` and `register` reopen
+`train` opens the run and writes its id to `paths.run_id`; `evaluate`, `register` and `report` reopen
 it from there, so the MLflow UI shows params, curves, eval metrics and the model version together.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import LlmftError, TrackingConfig
+from .config import Config, LlmftError, TrackingConfig
 
 # Keys that may hold secrets are never logged, whatever their source (an env var's *name* is fine).
 SECRET_KEYS = {"api_key", "apikey", "key", "token", "access_token", "hf_token", "secret", "password"}
@@ -29,24 +29,53 @@ def setup(cfg: TrackingConfig) -> str:
     location = None
     if cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri:
         location = Path(cfg.artifact_location).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # another process (a tune worker) created it first
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def dvc_experiment() -> dict[str, str]:
+    """The DVC experiment this process runs in (`dvc exp run` sets these for its stages), else {}."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+def run_name(cfg: Config, stage: str = "train") -> str:
+    """A name a person can scan in the runs list: the DVC experiment (if any), the stage and key params."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    t = cfg.train
+    steps = f"s{t.max_steps}" if t.max_steps > 0 else f"e{t.epochs:g}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return " ".join(x for x in (exp, stage, f"r{t.lora.r}", f"lr{t.learning_rate:.0e}", steps) if x)
 
 
 @contextmanager
-def start_run(cfg: TrackingConfig, new: bool = True, run_id: str | None = None):
+def start_run(cfg: Config, new: bool = True, run_id: str | None = None, stage: str = "train", **kwargs):
     """Open the pipeline's run: a new one (train), a given one (a resumed train), or the one named in
-    run_id_file (later stages)."""
+    paths.run_id (later stages). Extra kwargs go to mlflow.start_run (e.g. nested=True, tags)."""
     import mlflow
 
-    exp_id = setup(cfg)
+    exp_id = setup(cfg.tracking)
+    id_file = Path(cfg.paths.run_id)
     if not new:
-        path = Path(cfg.run_id_file)
-        if not path.exists():
-            raise LlmftError(f"{path} not found: run `llmft train` first (it opens the MLflow run later stages log into)")
-        run_id = path.read_text().strip()
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.run_name if run_id is None else None) as run:
+        if not id_file.exists():
+            raise LlmftError(f"{id_file} not found: run `llmft train` first (it opens the MLflow run later stages log into)")
+        run_id = id_file.read_text().strip()
+    name = run_name(cfg, stage) if run_id is None else None
+    if run_id is None and cfg.tracking.parent_run_id:  # shown nested under it in the MLflow UI
+        kwargs["tags"] = {**kwargs.get("tags", {}), "mlflow.parentRunId": cfg.tracking.parent_run_id}
+    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=name, **kwargs) as run:
         if new:
-            write_atomic(Path(cfg.run_id_file), run.info.run_id + "\n")
+            write_atomic(id_file, run.info.run_id + "\n")
         yield run
 
 
@@ -90,9 +119,9 @@ def _git(*args: str) -> str:
 
 
 def lineage_tags(data_paths: list[str]) -> dict[str, str]:
-    """git commit + dirty flag, and the md5 that dvc.lock records for each data path read."""
+    """git commit + dirty flag, the DVC experiment, and the md5 that dvc.lock records for each data path read."""
     tags = {"git.commit": _git("rev-parse", "HEAD") or "unknown",
-            "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()}
+            "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(), **dvc_experiment()}
     lock = Path("dvc.lock")
     if lock.exists():
         import yaml

@@ -1,13 +1,17 @@
 """train: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer, tracked in one MLflow run.
 
-Reads data/processed/{train,validation}.jsonl (prompt/completion), trains a PEFT adapter with the
-loss on completion tokens only (EOS appended and learned), and writes:
-  train.output_dir      the adapter in PEFT format + tokenizer
-  train.checkpoint_dir  resumable checkpoints (optimizer, scheduler, RNG state)
-  train.metrics_file    final metrics (DVC metrics)
-  train.plots_dir       train_loss.csv, eval_loss.csv (dvc plots) and loss.png
-Runs unchanged under `accelerate launch` / `torchrun` with DDP (rank 0 alone writes and logs); FSDP does
-not work yet (benchmarks/README.md has the errors).
+    python -m llmft train
+    python -m llmft train train.lora.r=8 train.max_steps=50
+
+Reads paths.data/{train,validation}.jsonl (prompt/completion), trains a PEFT adapter with the loss on
+completion tokens only (EOS appended and learned), and writes:
+  paths.adapter        the adapter in PEFT format + tokenizer
+  paths.checkpoints    resumable checkpoints (optimizer, scheduler, RNG state)
+  paths.train_metrics  final metrics (DVC metrics)
+  paths.train_plots    train_loss.csv, eval_loss.csv (dvc plots) and loss.png
+A rerun with an unchanged config resumes from the last complete checkpoint; one whose training already
+finished re-exports the final checkpoint and trains nothing more. Runs unchanged under `accelerate
+launch` / `torchrun` with DDP (rank 0 alone writes and logs).
 """
 from __future__ import annotations
 
@@ -24,8 +28,76 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .config import Config, LlmftError, to_dict
-from .models import atomic_dir, load_tokenizer, resolve_base
+from .models import atomic_dir, load_kwargs, load_tokenizer, resolve_base
 from .tracking import write_atomic
+
+
+def train(cfg: Config, callbacks=(), on_run=None) -> dict:
+    """The stage: resume point, trainer, one MLflow run, training, outputs. Returns the final metrics.
+    `tune` passes its pruning callback, and `on_run(run_id)` to hear of the MLflow run as soon as it exists."""
+    from . import tracking
+
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    fingerprint = _fingerprint(cfg)
+    resume = _resume_point(cfg, fingerprint, is_main)
+    trainer, resolved = build_trainer(cfg)
+    curve = LossCurve(trainer, Path(cfg.paths.checkpoints) / "mlflow_run_id.txt")
+    for cb in (curve, *callbacks):
+        trainer.add_callback(cb)
+    metrics = {}
+    run_ctx = tracking.start_run(cfg, run_id=curve.previous_run_id(resume)) if is_main else nullcontext()
+    with run_ctx as run:
+        if run:
+            curve.attach(run.info.run_id)
+            if on_run:
+                on_run(run.info.run_id)
+            _log_start(cfg, fingerprint, trainer, resolved)
+            print(f"train: {'resuming from ' + resume if resume else 'starting'}; MLflow run {run.info.run_name} "
+                  f"({run.info.run_id})", flush=True)
+        start = time.time()
+        finished = _finished_metrics(resume, fingerprint)
+        if finished is not None:
+            # Training already ran to its end with this config (a second `llmft train`, `dvc repro -f`):
+            # Trainer.train() on the final checkpoint would take one more step, so re-export it instead.
+            _restore(trainer, resume)
+            if is_main:
+                print(f"train: already finished at step {trainer.state.global_step} with this config; re-exporting "
+                      f"{resume}, training nothing", flush=True)
+                metrics = _finish(cfg, trainer, curve, 0.0, resume, fingerprint, previous=finished)
+            return metrics
+        # Validation loss of the untrained adapter, so the curve starts at the base model. Not under DDP:
+        # an evaluate() before train() leaves the model unwrapped, and the processes then never sync
+        # their gradients (each trains its own copy; the 2-process test caught it).
+        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            curve.initial_eval = trainer.evaluate()
+        trainer.train(resume_from_checkpoint=resume)
+        if is_main:
+            metrics = _finish(cfg, trainer, curve, time.time() - start, resume, fingerprint)
+    return metrics
+
+
+FINAL = "final_metrics.json"  # written into the last checkpoint when a training finishes
+
+
+def _finished_metrics(resume: str | None, fingerprint: str) -> dict | None:
+    """The finished run's metrics when `resume` is the checkpoint a completed training ended on, else None."""
+    if not resume:
+        return None
+    try:
+        final = json.loads((Path(resume) / FINAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return final if final.get("fingerprint") == fingerprint else None
+
+
+def _restore(trainer, checkpoint: str) -> None:
+    """The checkpoint's adapter weights and trainer state (log history, step, tokens) into the trainer."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
 def _precision(tc) -> str:
@@ -46,7 +118,7 @@ def load_model(cfg: Config, base: str, precision: str):
 
     tc = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    kwargs = dict(dtype=dtype, revision=cfg.model.revision)
+    kwargs = dict(dtype=dtype, revision=cfg.model.revision, **load_kwargs(cfg))
     if tc.attn_implementation:
         kwargs["attn_implementation"] = tc.attn_implementation
     if tc.qlora.enabled:
@@ -60,13 +132,12 @@ def load_model(cfg: Config, base: str, precision: str):
             bnb_4bit_use_double_quant=tc.qlora.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, tc.qlora.compute_dtype))
     if cfg.model.random_init:
-        if tc.qlora.enabled:
-            raise LlmftError("model.random_init and train.qlora.enabled cannot be combined: quantise saved weights")
         # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes.
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype,
-                                                    attn_implementation=tc.attn_implementation)
+            conf = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+            return AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=tc.attn_implementation,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(base, **kwargs)
 
 
@@ -84,14 +155,10 @@ def _read_split(path: Path, limit: int | None):
 
 
 def _fingerprint(cfg: Config) -> str:
-    """What a checkpoint must match to be resumed: everything that shapes the optimisation."""
-    tc = to_dict(cfg.train)
-    # Every logged param counts (a resumed run re-logs them into the same MLflow run, which refuses a
-    # changed value); only where outputs go and the resume switch itself do not.
-    for k in ("resume", "output_dir", "metrics_file", "plots_dir", "checkpoint_dir"):
-        tc.pop(k)
-    data = Path(cfg.data.output_dir) / "train.jsonl"
-    blob = json.dumps({"train": tc, "model": to_dict(cfg.model),
+    """What a checkpoint must match to be resumed: everything that shapes the optimisation (the train and
+    model blocks and the training data). Where outputs go lives in `paths`, so nothing is left out by hand."""
+    data = Path(cfg.paths.data) / "train.jsonl"
+    blob = json.dumps({"train": to_dict(cfg.train), "model": to_dict(cfg.model),
                        "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -113,7 +180,7 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def _resume_point(cfg: Config, fingerprint: str, is_main: bool) -> str | None:
-    ckpt_dir = Path(cfg.train.checkpoint_dir)
+    ckpt_dir = Path(cfg.paths.checkpoints)
     stamp = ckpt_dir / "fingerprint.txt"
     old = stamp.read_text().strip() if stamp.exists() else None
     resume = last_complete_checkpoint(ckpt_dir) if cfg.train.resume and old == fingerprint else None
@@ -128,33 +195,27 @@ def _resume_point(cfg: Config, fingerprint: str, is_main: bool) -> str | None:
 
 
 def build_trainer(cfg: Config):
-    """The SFTTrainer the stage runs: data, base model, LoRA and training arguments from the config."""
+    """(SFTTrainer, what was resolved): data, base model, LoRA and training arguments from the config."""
     import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
     tc = cfg.train
-    for key, value, allowed in (("lr_scheduler", tc.lr_scheduler, SchedulerType), ("optim", tc.optim, OptimizerNames)):
-        if value not in {a.value for a in allowed}:
-            raise LlmftError(f"train.{key}: unknown '{value}' (choose from {', '.join(a.value for a in allowed)})")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     is_main = int(os.environ.get("RANK", "0")) == 0
     precision = _precision(tc)
-    data_dir = Path(cfg.data.output_dir)
+    data_dir = Path(cfg.paths.data)
     train_ds = _read_split(data_dir / "train.jsonl", tc.max_train_rows)
     eval_ds = _read_split(data_dir / "validation.jsonl", tc.max_eval_rows)
 
-    base = resolve_base(cfg.model)
-    tok = load_tokenizer(base, cfg.model.revision)
+    base = resolve_base(cfg)
+    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
     model = load_model(cfg, base, precision)
     lora = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
                       target_modules=tc.lora.target_modules, bias=tc.lora.bias, use_rslora=tc.lora.use_rslora,
                       use_dora=tc.lora.use_dora, task_type="CAUSAL_LM")
     args = SFTConfig(
-        output_dir=tc.checkpoint_dir,
+        output_dir=cfg.paths.checkpoints,
         num_train_epochs=tc.epochs, max_steps=tc.max_steps,
         per_device_train_batch_size=tc.batch_size, per_device_eval_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.grad_accum,
@@ -170,6 +231,7 @@ def build_trainer(cfg: Config):
         save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
         seed=tc.seed, data_seed=tc.seed, dataloader_num_workers=tc.dataloader_workers,
         include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=not is_main,
+        logging_nan_inf_filter=False,  # a NaN loss must show (tune fails such a trial), not be averaged away
         # Multi-process CPU runs need gloo, and use_cpu: without it accelerate sees no distributed setup
         # and each process silently trains its own copy on all the data.
         use_cpu=not torch.cuda.is_available(),
@@ -178,38 +240,7 @@ def build_trainer(cfg: Config):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=lora)
-    trainer.llmft_base, trainer.llmft_precision = base, precision
-    return trainer
-
-
-def train(cfg: Config) -> None:
-    from . import tracking
-
-    tc = cfg.train
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    fingerprint = _fingerprint(cfg)
-    resume = _resume_point(cfg, fingerprint, is_main)
-    trainer = build_trainer(cfg)
-    tok = trainer.processing_class
-    curve = LossCurve(trainer, Path(tc.checkpoint_dir) / "mlflow_run_id.txt")
-    trainer.add_callback(curve)
-
-    run_ctx = tracking.start_run(cfg.tracking, run_id=curve.previous_run_id(resume)) if is_main else nullcontext()
-    with run_ctx as run:
-        if run:
-            curve.attach(run.info.run_id)
-            _log_start(cfg, fingerprint, trainer, trainer.llmft_precision, trainer.llmft_base)
-        if resume and is_main:
-            print(f"train: resuming from {resume}")
-        start = time.time()
-        # Validation loss of the untrained adapter, so the curve starts at the base model. Not under DDP:
-        # an evaluate() before train() leaves the model unwrapped, and the processes then never sync
-        # their gradients (each trains its own copy; the 2-process test caught it).
-        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            trainer.evaluate()
-        trainer.train(resume_from_checkpoint=resume)
-        if is_main:
-            _finish(cfg, trainer, curve, time.time() - start, resume, tok)
+    return trainer, {"base_path": base, "precision": precision}
 
 
 class LossCurve(TrainerCallback):
@@ -222,6 +253,7 @@ class LossCurve(TrainerCallback):
         self.t0, self.tokens0 = time.time(), 0
         self.step_start, self.step_tokens0 = 0.0, 0
         self.steady_time, self.steady_tokens, self.steps_seen = 0.0, 0, 0
+        self.initial_eval: dict | None = None  # trainer.evaluate() before training (step 0)
 
     def previous_run_id(self, resume) -> str | None:
         """A resumed training continues the MLflow run of the killed one, so its curves stay together."""
@@ -235,6 +267,10 @@ class LossCurve(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
+        # train() starts a fresh log history after the pre-training evaluate(); put the step-0 validation
+        # loss back in, so checkpoints (and therefore resumed runs) keep it in the curve.
+        if self.initial_eval and not state.log_history:
+            state.log_history.append({"step": 0, "epoch": 0.0, **self.initial_eval})
 
     def on_epoch_end(self, args, state, control, **kw):
         control.should_evaluate = True  # validation loss at every epoch end too, not only every eval_steps
@@ -276,21 +312,22 @@ class LossCurve(TrainerCallback):
             mlflow.log_metrics(metrics, step=state.global_step, run_id=self.run_id)
 
 
-def _log_start(cfg: Config, fingerprint: str, trainer, precision: str, base: str) -> None:
+def _log_start(cfg: Config, fingerprint: str, trainer, resolved: dict) -> None:
     import mlflow
     import yaml
 
     from . import tracking
     from .config import flatten
 
-    params = tracking.scrub(flatten(to_dict(cfg)))
+    # The blocks that shape this run's training (what the fingerprint covers): a resumed run re-logs the same
+    # values, and MLflow refuses to change a logged param. Later stages log their settings as artifacts.
+    params = tracking.scrub(flatten({k: to_dict(getattr(cfg, k)) for k in ("data", "model", "train")}))
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    params.update({"resolved.base_path": base, "resolved.precision": precision,
+    params.update({"resolved.base_path": resolved["base_path"], "resolved.precision": resolved["precision"],
                    "resolved.trainable_params": trainable, "resolved.total_params": total,
                    "resolved.train_rows": len(trainer.train_dataset), "resolved.eval_rows": len(trainer.eval_dataset)})
-    # log_params refuses to change a logged value; a resumed run re-logs identical ones.
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-    mlflow.set_tags({**tracking.lineage_tags([cfg.data.output_dir]), **tracking.environment(),
+    mlflow.set_tags({**tracking.lineage_tags([cfg.paths.data]), **tracking.environment(),
                      "llmft.stage": "train", "llmft.fingerprint": fingerprint})
     mlflow.log_text(yaml.safe_dump(tracking.scrub_nested(to_dict(cfg)), sort_keys=False), "config/params.resolved.yaml")
 
@@ -304,60 +341,72 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
-def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok) -> None:
+def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fingerprint: str,
+            previous: dict | None = None) -> dict:
+    """Adapter, curves and metrics out; `previous`: the metrics of a finished run being re-exported, whose
+    speed and runtime figures are kept (nothing was trained this time)."""
     import mlflow
 
     from . import tracking
     from .plots import loss_curves
 
-    tc = cfg.train
+    paths = cfg.paths
     state = trainer.state
-    out = Path(tc.output_dir)
+    out = Path(paths.adapter)
     with atomic_dir(out) as tmp:
         trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
 
     history = state.log_history
     # dict: an evaluation at an epoch end that is also an eval step is logged twice.
     train_pts = sorted({h["step"]: h["loss"] for h in history if "loss" in h}.items())
     eval_pts = sorted({h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items())
-    loss_curves(train_pts, eval_pts, Path(tc.plots_dir))
+    loss_curves(train_pts, eval_pts, Path(paths.train_plots))
     tokens = int(state.num_input_tokens_seen)
     metrics = {
         "train_loss": train_pts[-1][1] if train_pts else None,
         "eval_loss": eval_pts[-1][1] if eval_pts else None,
         "best_eval_loss": min((v for _, v in eval_pts), default=None),
+        "initial_eval_loss": eval_pts[0][1] if eval_pts and eval_pts[0][0] == 0 else None,
         "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
         "tokens_seen": tokens, "runtime_s": round(runtime, 1),
         # This session's throughput (after a resume: tokens since the restart), model load excluded.
         "tokens_per_s": round(curve.tokens_per_s(state), 1),
         "steady_tokens_per_s": round(curve.steady_tokens_per_s() or 0, 1),
         "resumed_from": resume or "",
+        "fingerprint": fingerprint,
         **_peak_memory(),
     }
-    tracking.write_json(tc.metrics_file, metrics)
+    if previous is not None:
+        metrics = previous
+    else:
+        last = last_complete_checkpoint(Path(paths.checkpoints))
+        if last and int(last.rsplit("-", 1)[1]) == state.global_step:
+            tracking.write_json(Path(last) / FINAL, metrics)
+    tracking.write_json(paths.train_metrics, metrics)
     mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     mlflow.log_artifacts(str(out), "adapter")
-    mlflow.log_artifacts(tc.plots_dir, "plots")
-    mlflow.log_artifact(tc.metrics_file, "metrics")
+    mlflow.log_artifacts(paths.train_plots, "plots")
+    mlflow.log_artifact(paths.train_metrics, "metrics")
     print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({metrics['tokens_per_s']:,.0f} tok/s overall, "
           f"{metrics['steady_tokens_per_s']:,.0f} tok/s in steady steps), train loss {metrics['train_loss']}, "
           f"eval loss {metrics['eval_loss']}, peak "
           + ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {v} GiB" for k, v in _peak_memory().items())
           + f"; adapter -> {out}")
+    return metrics
 
 
 def merge(cfg: Config) -> None:
-    """Write base + adapter merged into plain weights at `{train.output_dir}-merged`."""
+    """Write base + adapter merged into plain weights at `{paths.adapter}-merged`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = resolve_base(cfg.model)
-    adapter = Path(cfg.train.output_dir)
+    base = resolve_base(cfg)
+    adapter = Path(cfg.paths.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise LlmftError(f"{adapter} holds no adapter: run `llmft train` first")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs(cfg))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out = adapter.with_name(adapter.name + "-merged")
     with atomic_dir(out) as tmp:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from . import candidates as cands
 from . import judges, sources, stats
 from ..tracking import write_json
-from .report import write_jsonl
+from .report import outputs_dir, write_jsonl
 
-NO_JUDGE = "no judge configured (evaluate.judge.model is null)"
 REFERENCE = "gpt4_1106_preview"
 ALL = 805
 
@@ -115,13 +113,11 @@ def _lc_row(rows, annotated: dict[str, list[dict]], e) -> dict:
                      description="length-controlled win rate vs GPT-4-turbo (alpaca_eval GLM)")
 
 
-def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
+def run(c: cands.Candidates, judge: judges.Judge) -> dict:
     e = c.cfg.evaluate
-    rows, why = sources.alpaca_eval(e.alpaca_eval_path, e.alpaca_eval_rows, e.seed)
+    rows, why = sources.alpaca_eval(e.alpaca_eval_data, e.alpaca_eval_rows, e.seed)
     if rows is None:
         return {"alpaca_eval": stats.skipped(why)}
-    if judge is None:
-        return {"alpaca_eval": stats.skipped(NO_JUDGE)}
     convs = [([(r["instruction"], None)], "") for r in rows]
     reference = [{"instruction": r["instruction"], "output": r["output"], "generator": r.get("generator", REFERENCE),
                   "dataset": r["category"]} for r in rows]
@@ -130,7 +126,7 @@ def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
         answers = cands.generate(c, side, convs, "AlpacaEval answers")
         outputs[side] = [{"instruction": r["instruction"], "output": a, "generator": f"llmft-{side}",
                           "dataset": r["category"]} for r, a in zip(rows, answers)]
-        write_json(Path(e.outputs_dir) / f"alpaca_eval_{side}.json", outputs[side])  # alpaca_eval's model_outputs
+        write_json(outputs_dir(c.cfg) / f"alpaca_eval_{side}.json", outputs[side])  # alpaca_eval's model_outputs
 
     ann = annotator(e.alpaca_eval_annotator, judge, e.seed)
     prefs, annotated = {}, {}
@@ -138,7 +134,7 @@ def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
         prefs[side], annotated[side] = _preferences(ann, reference, outputs[side])
     h2h, annotated["tuned_vs_base"] = _preferences(ann, outputs["base"], outputs["tuned"])
     for name, a in annotated.items():
-        write_jsonl(Path(e.outputs_dir) / f"alpaca_eval_annotations_{name}.jsonl", a)
+        write_jsonl(outputs_dir(c.cfg) / f"alpaca_eval_annotations_{name}.jsonl", a)
     failures = {side: len(rows) - len(prefs[side]) for side in cands.SIDES}
 
     if not prefs["base"] or not prefs["tuned"]:

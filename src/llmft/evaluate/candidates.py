@@ -33,20 +33,20 @@ class Candidates:
 
 
 def adapter_dir(cfg: Config) -> Optional[str]:
-    d = Path(cfg.train.output_dir)
+    d = Path(cfg.paths.adapter)
     return str(d) if (d / "adapter_config.json").exists() else None
 
 
 def load(cfg: Config) -> Candidates:
     from .. import generate, models
 
-    base = models.resolve_base(cfg.model)
+    base = models.resolve_base(cfg)
     adapter = adapter_dir(cfg)
     endpoint = cfg.evaluate.candidate_endpoint
     if adapter is None and endpoint is None:
-        raise LlmftError(f"no adapter at {cfg.train.output_dir} (train.output_dir): run `llmft train` first, "
+        raise LlmftError(f"no adapter at {cfg.paths.adapter} (paths.adapter): run `llmft train` first, "
                          "or set evaluate.candidate_endpoint to evaluate a served model")
-    model, tok = generate.load(base, adapter)
+    model, tok = generate.load(base, adapter, **models.load_kwargs(cfg))
     return Candidates(cfg=cfg, model=model, tok=tok, base_path=base, adapter=adapter, endpoint=endpoint)
 
 
@@ -69,7 +69,7 @@ def _side(c: Candidates, side: str):
         with c.model.disable_adapter():
             yield c.model
     elif side == "tuned" and c.adapter is None:
-        raise LlmftError(f"no adapter at {c.cfg.train.output_dir} to score the tuned model in process")
+        raise LlmftError(f"no adapter at {c.cfg.paths.adapter} to score the tuned model in process")
     else:
         yield c.model
 

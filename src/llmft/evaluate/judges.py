@@ -39,7 +39,7 @@ class Judge:
         return f"{self.cfg.model} at {self.url}"
 
 
-def make(cfg: JudgeConfig) -> Optional[Judge]:
+def make(cfg: JudgeConfig, cache_dir: str | Path) -> Optional[Judge]:
     """The configured judge, or None when none is configured (judge benchmarks are then skipped)."""
     if not cfg.model:
         return None
@@ -52,7 +52,7 @@ def make(cfg: JudgeConfig) -> Optional[Judge]:
                              f"{cfg.api_key_env} (evaluate.judge.api_key_env), which is not set")
         key = "EMPTY"  # local OpenAI-compatible servers (vLLM, ...) accept any key
     client = OpenAI(base_url=cfg.base_url, api_key=key, max_retries=cfg.max_retries, timeout=cfg.timeout_s)
-    return Judge(cfg=cfg, client=client, cache_dir=Path(cfg.cache_dir))
+    return Judge(cfg=cfg, client=client, cache_dir=Path(cache_dir))
 
 
 def cache_key(judge: Judge, messages: list[dict], params: dict) -> str:

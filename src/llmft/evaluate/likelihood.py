@@ -4,8 +4,6 @@ Both score completion tokens only, per example, so base and tuned pair up exampl
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from . import candidates as cands
@@ -33,10 +31,10 @@ def _score_both(c, pairs, desc) -> dict | None:
     return {side: cands.score(c, side, pairs, desc, max_length=c.cfg.train.max_length) for side in cands.SIDES}
 
 
-NO_ADAPTER = "needs the tuned weights: no adapter in train.output_dir (an endpoint gives no log-likelihoods)"
+NO_ADAPTER = "needs the tuned weights: no adapter in paths.adapter (an endpoint gives no log-likelihoods)"
 
 
-def test_loss(c: cands.Candidates) -> dict:
+def test_loss(c: cands.Candidates, judge=None) -> dict:
     cfg = c.cfg
     rows, why = sources.test_split(cfg, cfg.evaluate.test_rows)
     if rows is None:
@@ -48,13 +46,13 @@ def test_loss(c: cands.Candidates) -> dict:
                  "mean NLL per completion token on the test split (as training's eval loss)", with_ppl=True)
 
 
-def reference_nll(c: cands.Candidates) -> dict:
+def reference_nll(c: cands.Candidates, judge=None) -> dict:
     """Mean per-token NLL of GPT-4's answers (AlpacaEval's reference outputs, MT-Bench turn-1 references)."""
     cfg, e = c.cfg, c.cfg.evaluate
     out = {}
     loaded = {
-        "reference_nll_alpaca_eval": sources.alpaca_eval(e.alpaca_eval_path, e.reference_rows, e.seed),
-        "reference_nll_mt_bench": sources.mt_bench_references(Path(e.mt_bench_dir), e.reference_rows),
+        "reference_nll_alpaca_eval": sources.alpaca_eval(e.alpaca_eval_data, e.reference_rows, e.seed),
+        "reference_nll_mt_bench": sources.mt_bench_references(e.mt_bench_data, e.reference_rows),
     }
     for name, (rows, why) in loaded.items():
         if rows is None:

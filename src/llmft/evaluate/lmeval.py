@@ -46,13 +46,13 @@ def _name(task: str, metric: str, filt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
-def run(c: cands.Candidates) -> dict:
+def run(c: cands.Candidates, judge=None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     e = c.cfg.evaluate
     if c.adapter is None:
-        return {"lm_eval": stats.skipped("needs the tuned weights: no adapter in train.output_dir")}
+        return {"lm_eval": stats.skipped("needs the tuned weights: no adapter in paths.adapter")}
     tm = TaskManager(include_path=e.lm_eval_include_path) if e.lm_eval_include_path else TaskManager()
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
@@ -74,7 +74,13 @@ def run(c: cands.Candidates) -> dict:
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
-            out[f"lm_eval_{task}"] = stats.error(f"lm-eval could not run task {task}: {errors[task]}")
+            why = f"lm-eval could not run task {task}: {errors[task]}"
+            # a hub dataset that cannot be fetched offline is unavailable data, as for AlpacaEval and MT-Bench
+            if any(s in errors[task] for s in ("OfflineModeIsEnabled", "ConnectionError", "LocalEntryNotFound")):
+                out[f"lm_eval_{task}"] = stats.skipped(f"{why}; offline, use a local task YAML "
+                                                       "(evaluate.lm_eval_include_path)")
+            else:
+                out[f"lm_eval_{task}"] = stats.error(why)
             continue
         rb, rt = results[task]["base"], results[task]["tuned"]
         docs_b, docs_t = _per_doc(rb["samples"]), _per_doc(rt["samples"])

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import numpy as np
 
 from . import candidates as cands
 from . import judges, sources, stats
-from .report import write_jsonl
+from .report import outputs_dir, write_jsonl
 
-NO_JUDGE = "no judge configured (evaluate.judge.model is null)"
 
 
 def parse_rating(judgment: str) -> float:
@@ -57,17 +55,15 @@ def answer_two_turns(c: cands.Candidates, side: str, questions: list[dict]) -> l
     return [[a, b] for a, b in zip(first, second)]
 
 
-def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
+def run(c: cands.Candidates, judge: judges.Judge) -> dict:
     e = c.cfg.evaluate
-    mt, why = sources.mt_bench(Path(e.mt_bench_dir), e.mt_bench_rows)
+    mt, why = sources.mt_bench(e.mt_bench_data, e.mt_bench_rows)
     if mt is None:
         return {"mt_bench": stats.skipped(why)}
-    if judge is None:
-        return {"mt_bench": stats.skipped(NO_JUDGE)}
     questions = mt["questions"]
     answers = {side: answer_two_turns(c, side, questions) for side in cands.SIDES}
     for side in cands.SIDES:
-        write_jsonl(Path(e.outputs_dir) / f"mt_bench_{side}.jsonl",
+        write_jsonl(outputs_dir(c.cfg) / f"mt_bench_{side}.jsonl",
                     [{"question_id": q["question_id"], "model_id": side, "category": q["category"],
                       "choices": [{"index": 0, "turns": a}]} for q, a in zip(questions, answers[side])])
 
@@ -77,7 +73,7 @@ def run(c: cands.Candidates, judge: judges.Judge | None) -> dict:
                 for side, i, turn in keys]
     choices = judges.chat_many(judge, requests, "MT-Bench judging")
     ratings = {k: parse_rating(judges.content(ch)) for k, ch in zip(keys, choices)}
-    write_jsonl(Path(e.outputs_dir) / "mt_bench_judgments.jsonl",
+    write_jsonl(outputs_dir(c.cfg) / "mt_bench_judgments.jsonl",
                 [{"question_id": questions[i]["question_id"], "model": side, "turn": turn,
                   "score": ratings[(side, i, turn)], "judgment": judges.content(ch)}
                  for (side, i, turn), ch in zip(keys, choices)])

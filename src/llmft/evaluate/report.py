@@ -14,6 +14,11 @@ from ..tracking import write_atomic
 MIN_N_VERDICT = 5
 
 
+def outputs_dir(cfg) -> Path:
+    """Generated answers and judgments, in the formats alpaca_eval and FastChat read."""
+    return Path(cfg.paths.eval_dir) / "outputs"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
@@ -135,13 +140,13 @@ def _key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
 
 
-def log_mlflow(tracking_cfg, table: dict, artifacts: list[Path]) -> bool:
-    """Metrics eval.<metric>.{base,tuned,delta,ci95_lo,ci95_hi}, status tags, files as artifacts under eval/."""
+def log_mlflow(cfg, table: dict, artifacts: list[Path]) -> bool:
+    """Summary metrics eval.<metric>.{base,tuned,delta,ci95_lo,ci95_hi,n} for the top-level rows only (the
+    run's metrics tab stays readable); per-category rows, skip reasons and files go in as artifacts under eval/."""
     from .. import tracking
 
-    if not Path(tracking_cfg.run_id_file).exists():
-        print(f"evaluate: {tracking_cfg.run_id_file} not found (no `llmft train` run to log into): "
-              "MLflow logging skipped")
+    if not Path(cfg.paths.run_id).exists():
+        print(f"evaluate: {cfg.paths.run_id} not found (no `llmft train` run to log into): MLflow logging skipped")
         return False
     import mlflow
 
@@ -150,17 +155,35 @@ def log_mlflow(tracking_cfg, table: dict, artifacts: list[Path]) -> bool:
         if not is_result(r):
             tags[_key(f"eval.{name}.status")] = f"{r['status']}: {r['reason']}"[:4000]
             continue
+        if "/" in name:
+            continue
         vals = {"base": r["base"], "tuned": r["tuned"], "delta": r["delta"], "ci95_lo": r["ci95"][0],
                 "ci95_hi": r["ci95"][1], "n": r["n"]}
         metrics.update({_key(f"eval.{name}.{k}"): float(v) for k, v in vals.items()
                         if v is not None and math.isfinite(float(v))})
-    with tracking.start_run(tracking_cfg, new=False):
+    with tracking.start_run(cfg, new=False):
         mlflow.log_metrics(metrics)
         if tags:
             mlflow.set_tags(tags)
+        mlflow.log_table(_table_frame(table), artifact_file="eval/table_rows.json")
         for path in artifacts:
             if Path(path).is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=f"eval/{Path(path).name}")
             elif Path(path).exists():
                 mlflow.log_artifact(str(path), artifact_path="eval")
     return True
+
+
+def _table_frame(table: dict):
+    """Every row (categories included) as one table, which the MLflow UI shows sortable under Artifacts."""
+    import pandas as pd
+
+    rows = []
+    for name, r in table.items():
+        if is_result(r):
+            rows.append({"metric": name, "base": r["base"], "tuned": r["tuned"], "delta": r["delta"],
+                         "ci95_lo": r["ci95"][0], "ci95_hi": r["ci95"][1], "n": r["n"],
+                         "higher_is_better": r["higher_is_better"], "status": "ok", "reason": ""})
+        else:
+            rows.append({"metric": name, "status": r["status"], "reason": r["reason"]})
+    return pd.DataFrame(rows)

@@ -1,14 +1,12 @@
 """ROUGE-L F1 of generated answers against the Dolly test references (judge-free, per category)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import candidates as cands
 from . import sources, stats
-from .report import write_jsonl
+from .report import outputs_dir, write_jsonl
 
 
-def run(c: cands.Candidates) -> dict:
+def run(c: cands.Candidates, judge=None) -> dict:
     from rouge_score import rouge_scorer
 
     e = c.cfg.evaluate
@@ -21,7 +19,7 @@ def run(c: cands.Candidates) -> dict:
     for side in cands.SIDES:
         answers = cands.generate(c, side, convs, "ROUGE answers")
         scores[side] = [scorer.score(r["response"], a)["rougeL"].fmeasure for r, a in zip(rows, answers)]
-        write_jsonl(Path(e.outputs_dir) / f"rouge_{side}.jsonl",
+        write_jsonl(outputs_dir(c.cfg) / f"rouge_{side}.jsonl",
                     [{"instruction": r["instruction"], "category": r.get("category", ""), "reference": r["response"],
                       "output": a, "rouge_l": s} for r, a, s in zip(rows, answers, scores[side])])
     cats = [r.get("category", "all") for r in rows]
