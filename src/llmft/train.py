@@ -6,8 +6,8 @@ loss on completion tokens only (EOS appended and learned), and writes:
   train.checkpoint_dir  resumable checkpoints (optimizer, scheduler, RNG state)
   train.metrics_file    final metrics (DVC metrics)
   train.plots_dir       train_loss.csv, eval_loss.csv (dvc plots) and loss.png
-Runs unchanged under `accelerate launch` / `torchrun` with DDP (rank 0 alone writes and logs); FSDP does
-not work yet (benchmarks/README.md has the errors).
+Runs unchanged under `accelerate launch` / `torchrun` with DDP (rank 0 alone writes and logs), and under
+`accelerate launch` with FSDP2 (configs/accelerate/fsdp.yaml; cpu-fsdp.yaml on CPU processes).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def load_model(cfg: Config, base: str, precision: str):
             raise LlmftError("model.random_init and train.qlora.enabled cannot be combined: quantise saved weights")
         # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes.
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        # Seeded, so that every process and every later run builds the same random base: an adapter trained on it
+        # can then be reloaded over it (benchmarks/fsdp.sh compares the logits).
+        torch.manual_seed(tc.seed)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype,
                                                     attn_implementation=tc.attn_implementation)
@@ -83,6 +87,14 @@ def _read_split(path: Path, limit: int | None):
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
+def _fsdp_version() -> int | None:
+    """The FSDP version `accelerate launch` was asked for (it exports its config as ACCELERATE_USE_FSDP and
+    FSDP_*, read again by the Trainer's Accelerator), or None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
+
+
 def _fingerprint(cfg: Config) -> str:
     """What a checkpoint must match to be resumed: everything that shapes the optimisation."""
     tc = to_dict(cfg.train)
@@ -91,8 +103,13 @@ def _fingerprint(cfg: Config) -> str:
     for k in ("resume", "output_dir", "metrics_file", "plots_dir", "checkpoint_dir"):
         tc.pop(k)
     data = Path(cfg.data.output_dir) / "train.jsonl"
-    blob = json.dumps({"train": tc, "model": to_dict(cfg.model),
-                       "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}, sort_keys=True)
+    fp = {"train": tc, "model": to_dict(cfg.model),
+          "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}
+    # FSDP checkpoints are sharded (torch.distributed.checkpoint), others are plain PEFT files: neither loads
+    # as the other, so switching FSDP on or off starts fresh. Only added under FSDP: other fingerprints are unchanged.
+    if _fsdp_version():
+        fp["fsdp"] = _fsdp_version()
+    blob = json.dumps(fp, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -106,9 +123,13 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     for p in found:
         try:
             json.loads((p / "trainer_state.json").read_text())
-            return str(p)
         except (OSError, json.JSONDecodeError):
             continue
+        # Under several processes every rank writes its own rng_state_<rank>.pth, and rank 0 may write
+        # trainer_state.json while another is still writing: a kill then leaves a torn one (torch.save writes zips),
+        # on which the resumed run would crash (the FSDP resume test hit it).
+        if all(zipfile.is_zipfile(f) for f in p.glob("rng_state*.pth")):
+            return str(p)
     return None
 
 
@@ -142,6 +163,18 @@ def build_trainer(cfg: Config):
             raise LlmftError(f"train.{key}: unknown '{value}' (choose from {', '.join(a.value for a in allowed)})")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     is_main = int(os.environ.get("RANK", "0")) == 0
+    fsdp = _fsdp_version()
+    if fsdp == 1:
+        raise LlmftError("FSDP1 (fsdp_version: 1) is not supported: PEFT keeps the LoRA weights in fp32 over a bf16 base "
+                         "and FSDP1 stops with 'Must flatten tensors with uniform dtype'. Use FSDP2 (fsdp_version: 2, "
+                         "as in configs/accelerate/fsdp.yaml), which shards parameter by parameter.")
+    if fsdp and tc.qlora.enabled:
+        raise LlmftError("train.qlora.enabled=true is not supported under FSDP: llmft stores the 4-bit weights as uint8, "
+                         "which FSDP2 cannot shard (every GPU would hold the whole quantised base), and QLoRA+FSDP is "
+                         "untested here. Train QLoRA on one GPU without accelerate's FSDP config, or plain LoRA under "
+                         "FSDP (train.qlora.enabled=false).")
+    if fsdp and not torch.cuda.is_available():
+        _fsdp_on_cpu()
     precision = _precision(tc)
     data_dir = Path(cfg.data.output_dir)
     train_ds = _read_split(data_dir / "train.jsonl", tc.max_train_rows)
@@ -178,8 +211,47 @@ def build_trainer(cfg: Config):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=lora)
+    if fsdp and not trainer.is_fsdp_enabled:  # accelerate fell back to DDP or one plain process: say so
+        raise LlmftError("FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate did not enable it for this "
+                         "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
+                         "train` (cpu-fsdp.yaml on CPUs)")
     trainer.llmft_base, trainer.llmft_precision = base, precision
     return trainer
+
+
+def _fsdp_on_cpu() -> None:
+    """Let FSDP2 run on CPU processes (gloo), as configs/accelerate/cpu-fsdp.yaml asks.
+
+    accelerate 1.15 maps CPU processes to MULTI_CPU and then drops the FSDP plugin without a word: the run
+    trains as DDP. torch's fully_shard itself runs on CPU with gloo, so promote the state to FSDP once it is
+    built; everything after that (sharding, sharded checkpoints, loading) is accelerate's and the Trainer's own.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+    if getattr(init, "llmft_cpu_fsdp", False):
+        return
+
+    def promoted(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    promoted.llmft_cpu_fsdp = True
+    AcceleratorState.__init__ = promoted
+
+
+def _full_adapter(trainer):
+    """Under FSDP each process holds a shard of every adapter tensor, and save_pretrained on rank 0 alone would
+    write rank 0's shard (or fail on DTensors). Gather the trainable (adapter) tensors whole onto rank 0's CPU.
+    A collective: every process must call it. None without FSDP (save_pretrained reads the model itself)."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(trainer.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
 
 
 def train(cfg: Config) -> None:
@@ -202,14 +274,15 @@ def train(cfg: Config) -> None:
         if resume and is_main:
             print(f"train: resuming from {resume}")
         start = time.time()
-        # Validation loss of the untrained adapter, so the curve starts at the base model. Not under DDP:
-        # an evaluate() before train() leaves the model unwrapped, and the processes then never sync
-        # their gradients (each trains its own copy; the 2-process test caught it).
-        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            trainer.evaluate()
+        # Validation loss of the untrained adapter, so the curve starts at the base model: asked of train()
+        # (eval_on_start), which evaluates after wrapping the model. An evaluate() before train() left the model
+        # unwrapped under DDP (the processes never synced gradients) and fails under FSDP2 ("a model and optimizer
+        # must be passed together to Accelerator.prepare()").
+        trainer.args.eval_on_start = not resume
         trainer.train(resume_from_checkpoint=resume)
+        adapter = _full_adapter(trainer)
         if is_main:
-            _finish(cfg, trainer, curve, time.time() - start, resume, tok)
+            _finish(cfg, trainer, curve, time.time() - start, resume, tok, adapter)
 
 
 class LossCurve(TrainerCallback):
@@ -304,7 +377,7 @@ def _peak_memory() -> dict[str, float]:
     return out
 
 
-def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok) -> None:
+def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok, adapter=None) -> None:
     import mlflow
 
     from . import tracking
@@ -314,7 +387,7 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, tok)
     state = trainer.state
     out = Path(tc.output_dir)
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp)
+        trainer.model.save_pretrained(tmp, state_dict=adapter)  # adapter: the gathered FSDP tensors, or None
         tok.save_pretrained(tmp)
 
     history = state.log_history
