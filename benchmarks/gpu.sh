@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh generate [args]          # batched generation via llmft.generate
 #   bash benchmarks/gpu.sh attn                     # attention-kernel micro-benchmark
 #   bash benchmarks/gpu.sh llmft NAME [key=value]   # variant (b): `python -m llmft train` with overrides
-#   bash benchmarks/gpu.sh fsdp NAME [key=value]    # the same under accelerate launch, FSDP, 1 process
+#   bash benchmarks/gpu.sh fsdp NAME [key=value]    # the same under accelerate launch, FSDP2, $NPROC processes (1)
+#   bash benchmarks/gpu.sh py SCRIPT [args]         # any Python script with this environment (wheels, src/)
 #   bash benchmarks/gpu.sh randckpt                 # save random 7B weights (for QLoRA through the stage)
 #
 # Expects .bench/ from benchmarks/make_assets.py (model config + tokenizer, Dolly rows). Where the machine
@@ -78,12 +79,14 @@ print(f"random 7B checkpoint saved to /tmp/rand7b in {time.time() - t:.0f}s")
 EOF
     ;;
   fsdp)
-    # The single-GPU stand-in for multi-GPU FSDP (issue 7): the same stage under `accelerate launch`.
+    # The same stage under `accelerate launch` with FSDP2 (configs/accelerate/fsdp.yaml; llmft refuses FSDP1).
+    # NVLink multicast stays off (on the shared device hosts a program using it can take the GPUs out of service).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --use_fsdp \
-      --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
-      --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --fsdp_use_orig_params true \
-      --fsdp_state_dict_type FULL_STATE_DICT -m llmft" exec bash "$0" llmft "$@"
+    LAUNCH="python3 -m accelerate.commands.launch --config_file ${FSDP_CONFIG:-configs/accelerate/fsdp.yaml} \
+      --num_processes ${NPROC:-1} ${FSDP_ENTRY:--m llmft}" exec bash "$0" llmft "$@"
+    ;;
+  py)
+    python3 "$@"
     ;;
   llmft)
     # Variant (b): the normal train stage. Eval/checkpoint cadence pushed out of the timed loop; every run
