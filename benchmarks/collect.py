@@ -47,7 +47,7 @@ def main():
     res.mkdir(parents=True, exist_ok=True)
     (res / f"llmft_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     short = {"variant": name, "rc": int(rc), "stage_tok_s": tj.get("tokens_per_s"),
-             "steady_tok_s": out.get("steady", {}).get("tokens_per_s"),
+             "stage_steady_tok_s": tj.get("steady_tokens_per_s"), "steady_tok_s": out.get("steady", {}).get("tokens_per_s"),
              "step_s": out.get("steady", {}).get("step_time_s"), "peak_gpu_gib": tj.get("peak_gpu_gib", tj.get("peak_gpu_gb")),
              "mfu_steady": out.get("mfu_steady")}
     print("RESULT", json.dumps(short), flush=True)

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh generate [args]          # batched generation via llmft.generate
 #   bash benchmarks/gpu.sh attn                     # attention-kernel micro-benchmark
 #   bash benchmarks/gpu.sh llmft NAME [key=value]   # variant (b): `python -m llmft train` with overrides
-#   bash benchmarks/gpu.sh fsdp NAME [key=value]    # the same under accelerate launch, FSDP, 1 process
+#   bash benchmarks/gpu.sh fsdp NAME [key=value]    # the same under accelerate launch, FSDP2, $NPROC processes (1)
+#   bash benchmarks/gpu.sh py SCRIPT [args]         # any Python script with this environment (wheels, src/)
 #   bash benchmarks/gpu.sh randckpt                 # save random 7B weights (for QLoRA through the stage)
 #
 # Expects .bench/ from benchmarks/make_assets.py (model config + tokenizer, Dolly rows). Where the machine
@@ -78,12 +79,14 @@ print(f"random 7B checkpoint saved to /tmp/rand7b in {time.time() - t:.0f}s")
 EOF
     ;;
   fsdp)
-    # The single-GPU stand-in for multi-GPU FSDP (issue 7): the same stage under `accelerate launch`.
+    # The same stage under `accelerate launch` with FSDP2 (configs/accelerate/fsdp.yaml; llmft refuses FSDP1).
+    # NVLink multicast stays off (on the shared device hosts a program using it can take the GPUs out of service).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --use_fsdp \
-      --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
-      --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --fsdp_use_orig_params true \
-      --fsdp_state_dict_type FULL_STATE_DICT -m llmft" exec bash "$0" llmft "$@"
+    LAUNCH="python3 -m accelerate.commands.launch --config_file ${FSDP_CONFIG:-configs/accelerate/fsdp.yaml} \
+      --num_processes ${NPROC:-1} ${FSDP_ENTRY:--m llmft}" exec bash "$0" llmft "$@"
+    ;;
+  py)
+    python3 "$@"
     ;;
   llmft)
     # Variant (b): the normal train stage. Eval/checkpoint cadence pushed out of the timed loop; every run
@@ -91,11 +94,11 @@ EOF
     name=$1; shift
     d=$RUNS/$name; rm -rf "$d"; mkdir -p "$d"
     ${LAUNCH:-python3 -m llmft} train model.base="$MODEL" model.random_init=true \
-      data.output_dir=.bench/data train.output_dir="$d/adapter" train.checkpoint_dir="$d/ckpt" \
-      train.metrics_file="$d/train.json" train.plots_dir="$d/plots" train.eval_steps=100000 \
+      paths.data=.bench/data paths.adapter="$d/adapter" paths.checkpoints="$d/ckpt" \
+      paths.train_metrics="$d/train.json" paths.train_plots="$d/plots" train.eval_steps=100000 \
       train.save_steps=100000 train.max_eval_rows=8 train.logging_steps=5 \
       tracking.uri="${TRACKING_URI:-sqlite:///$d/mlflow.db}" tracking.artifact_location="$d/mlartifacts" \
-      tracking.run_id_file="$d/run_id.txt" tracking.run_name="bench-$name" "$@" > "$d/log" 2>&1
+      paths.run_id="$d/run_id.txt" tracking.run_name="bench-$name" "$@" > "$d/log" 2>&1
     rc=$?
     grep -vE "it/s\]|s/it\]" "$d/log" > "$RES/llmft_$name.log"
     tail -n 25 "$RES/llmft_$name.log"

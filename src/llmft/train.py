@@ -11,7 +11,8 @@ completion tokens only (EOS appended and learned), and writes:
   paths.train_plots    train_loss.csv, eval_loss.csv (dvc plots) and loss.png
 A rerun with an unchanged config resumes from the last complete checkpoint; one whose training already
 finished re-exports the final checkpoint and trains nothing more. Runs unchanged under `accelerate
-launch` / `torchrun` with DDP (rank 0 alone writes and logs).
+launch` / `torchrun` with DDP (rank 0 alone writes and logs), and under `accelerate launch` with FSDP2
+(configs/accelerate/fsdp.yaml; cpu-fsdp.yaml on CPU processes).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import os
 import resource
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -55,39 +57,42 @@ def train(cfg: Config, callbacks=(), on_run=None) -> dict:
             print(f"train: {'resuming from ' + resume if resume else 'starting'}; MLflow run {run.info.run_name} "
                   f"({run.info.run_id})", flush=True)
         start = time.time()
-        finished = _finished_metrics(resume, fingerprint)
-        if finished is not None:
+        if resume and _is_finished(resume):
             # Training already ran to its end with this config (a second `llmft train`, `dvc repro -f`):
             # Trainer.train() on the final checkpoint would take one more step, so re-export it instead.
             _restore(trainer, resume)
             if is_main:
                 print(f"train: already finished at step {trainer.state.global_step} with this config; re-exporting "
                       f"{resume}, training nothing", flush=True)
-                metrics = _finish(cfg, trainer, curve, 0.0, resume, fingerprint, previous=finished)
+                metrics = _finish(cfg, trainer, curve, 0.0, resume, fingerprint, previous=_final_metrics(resume))
             return metrics
-        # Validation loss of the untrained adapter, so the curve starts at the base model. Not under DDP:
-        # an evaluate() before train() leaves the model unwrapped, and the processes then never sync
-        # their gradients (each trains its own copy; the 2-process test caught it).
-        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            curve.initial_eval = trainer.evaluate()
+        # Validation loss of the untrained adapter, so the curve starts at the base model: asked of train()
+        # (eval_on_start), which evaluates after wrapping the model. An evaluate() before train() left the model
+        # unwrapped under DDP (the processes never synced gradients) and fails under FSDP2 ("a model and optimizer
+        # must be passed together to Accelerator.prepare()").
+        trainer.args.eval_on_start = not resume
         trainer.train(resume_from_checkpoint=resume)
+        adapter = _full_adapter(trainer)  # a collective under FSDP: every process gathers
         if is_main:
-            metrics = _finish(cfg, trainer, curve, time.time() - start, resume, fingerprint)
+            metrics = _finish(cfg, trainer, curve, time.time() - start, resume, fingerprint, adapter=adapter)
     return metrics
 
 
 FINAL = "final_metrics.json"  # written into the last checkpoint when a training finishes
 
 
-def _finished_metrics(resume: str | None, fingerprint: str) -> dict | None:
-    """The finished run's metrics when `resume` is the checkpoint a completed training ended on, else None."""
-    if not resume:
-        return None
+def _is_finished(checkpoint: str) -> bool:
+    """Whether the checkpoint is where its training stops (its trainer_state says step >= max_steps)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _final_metrics(checkpoint: str) -> dict | None:
+    """The finished run's metrics (its speed and runtime among them), if it lived to write them."""
     try:
-        final = json.loads((Path(resume) / FINAL).read_text())
+        return json.loads((Path(checkpoint) / FINAL).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return final if final.get("fingerprint") == fingerprint else None
 
 
 def _restore(trainer, checkpoint: str) -> None:
@@ -96,7 +101,11 @@ def _restore(trainer, checkpoint: str) -> None:
     from safetensors.torch import load_file
     from transformers import TrainerState
 
-    set_peft_model_state_dict(trainer.model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    weights = Path(checkpoint) / "adapter_model.safetensors"
+    if not weights.exists():  # an FSDP checkpoint holds sharded weights that only the Trainer's loop reloads
+        raise LlmftError(f"{checkpoint} is a finished FSDP checkpoint, which cannot be re-exported on its own: "
+                         f"delete {Path(checkpoint).parent} to train again")
+    set_peft_model_state_dict(trainer.model, load_file(str(weights)))
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
@@ -134,6 +143,9 @@ def load_model(cfg: Config, base: str, precision: str):
     if cfg.model.random_init:
         # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes.
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        # Seeded, so that every process and every later run builds the same random base: an adapter trained on it
+        # can then be reloaded over it (benchmarks/fsdp.sh compares the logits).
+        torch.manual_seed(tc.seed)
         with torch.device(device):
             conf = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
             return AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=tc.attn_implementation,
@@ -154,12 +166,25 @@ def _read_split(path: Path, limit: int | None):
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
+def _fsdp_version() -> int | None:
+    """The FSDP version `accelerate launch` was asked for (it exports its config as ACCELERATE_USE_FSDP and
+    FSDP_*, read again by the Trainer's Accelerator), or None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's own default
+
+
 def _fingerprint(cfg: Config) -> str:
     """What a checkpoint must match to be resumed: everything that shapes the optimisation (the train and
     model blocks and the training data). Where outputs go lives in `paths`, so nothing is left out by hand."""
     data = Path(cfg.paths.data) / "train.jsonl"
-    blob = json.dumps({"train": to_dict(cfg.train), "model": to_dict(cfg.model),
-                       "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}, sort_keys=True)
+    fp = {"train": to_dict(cfg.train), "model": to_dict(cfg.model),
+          "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.exists() else None}
+    # FSDP checkpoints are sharded (torch.distributed.checkpoint), others are plain PEFT files: neither loads
+    # as the other, so switching FSDP on or off starts fresh. Only added under FSDP: other fingerprints are unchanged.
+    if _fsdp_version():
+        fp["fsdp"] = _fsdp_version()
+    blob = json.dumps(fp, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -173,9 +198,13 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     for p in found:
         try:
             json.loads((p / "trainer_state.json").read_text())
-            return str(p)
         except (OSError, json.JSONDecodeError):
             continue
+        # Under several processes every rank writes its own rng_state_<rank>.pth, and rank 0 may write
+        # trainer_state.json while another is still writing: a kill then leaves a torn one (torch.save writes zips),
+        # on which the resumed run would crash (the FSDP resume test hit it).
+        if all(zipfile.is_zipfile(f) for f in p.glob("rng_state*.pth")):
+            return str(p)
     return None
 
 
@@ -203,6 +232,18 @@ def build_trainer(cfg: Config):
     tc = cfg.train
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     is_main = int(os.environ.get("RANK", "0")) == 0
+    fsdp = _fsdp_version()
+    if fsdp == 1:
+        raise LlmftError("FSDP1 (fsdp_version: 1) is not supported: PEFT keeps the LoRA weights in fp32 over a bf16 base "
+                         "and FSDP1 stops with 'Must flatten tensors with uniform dtype'. Use FSDP2 (fsdp_version: 2, "
+                         "as in configs/accelerate/fsdp.yaml), which shards parameter by parameter.")
+    if fsdp and tc.qlora.enabled:
+        raise LlmftError("train.qlora.enabled=true is not supported under FSDP: llmft stores the 4-bit weights as uint8, "
+                         "which FSDP2 cannot shard (every GPU would hold the whole quantised base), and QLoRA+FSDP is "
+                         "untested here. Train QLoRA on one GPU without accelerate's FSDP config, or plain LoRA under "
+                         "FSDP (train.qlora.enabled=false).")
+    if fsdp and not torch.cuda.is_available():
+        _fsdp_on_cpu()
     precision = _precision(tc)
     data_dir = Path(cfg.paths.data)
     train_ds = _read_split(data_dir / "train.jsonl", tc.max_train_rows)
@@ -240,7 +281,46 @@ def build_trainer(cfg: Config):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=lora)
+    if fsdp and not trainer.is_fsdp_enabled:  # accelerate fell back to DDP or one plain process: say so
+        raise LlmftError("FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate did not enable it for this "
+                         "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
+                         "train` (cpu-fsdp.yaml on CPUs)")
     return trainer, {"base_path": base, "precision": precision}
+
+
+def _fsdp_on_cpu() -> None:
+    """Let FSDP2 run on CPU processes (gloo), as configs/accelerate/cpu-fsdp.yaml asks.
+
+    accelerate 1.15 maps CPU processes to MULTI_CPU and then drops the FSDP plugin without a word: the run
+    trains as DDP. torch's fully_shard itself runs on CPU with gloo, so promote the state to FSDP once it is
+    built; everything after that (sharding, sharded checkpoints, loading) is accelerate's and the Trainer's own.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+    if getattr(init, "llmft_cpu_fsdp", False):
+        return
+
+    def promoted(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    promoted.llmft_cpu_fsdp = True
+    AcceleratorState.__init__ = promoted
+
+
+def _full_adapter(trainer):
+    """Under FSDP each process holds a shard of every adapter tensor, and save_pretrained on rank 0 alone would
+    write rank 0's shard (or fail on DTensors). Gather the trainable (adapter) tensors whole onto rank 0's CPU.
+    A collective: every process must call it. None without FSDP (save_pretrained reads the model itself)."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(trainer.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
 
 
 class LossCurve(TrainerCallback):
@@ -253,7 +333,6 @@ class LossCurve(TrainerCallback):
         self.t0, self.tokens0 = time.time(), 0
         self.step_start, self.step_tokens0 = 0.0, 0
         self.steady_time, self.steady_tokens, self.steps_seen = 0.0, 0, 0
-        self.initial_eval: dict | None = None  # trainer.evaluate() before training (step 0)
 
     def previous_run_id(self, resume) -> str | None:
         """A resumed training continues the MLflow run of the killed one, so its curves stay together."""
@@ -267,10 +346,6 @@ class LossCurve(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
-        # train() starts a fresh log history after the pre-training evaluate(); put the step-0 validation
-        # loss back in, so checkpoints (and therefore resumed runs) keep it in the curve.
-        if self.initial_eval and not state.log_history:
-            state.log_history.append({"step": 0, "epoch": 0.0, **self.initial_eval})
 
     def on_epoch_end(self, args, state, control, **kw):
         control.should_evaluate = True  # validation loss at every epoch end too, not only every eval_steps
@@ -342,9 +417,9 @@ def _peak_memory() -> dict[str, float]:
 
 
 def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fingerprint: str,
-            previous: dict | None = None) -> dict:
-    """Adapter, curves and metrics out; `previous`: the metrics of a finished run being re-exported, whose
-    speed and runtime figures are kept (nothing was trained this time)."""
+            previous: dict | None = None, adapter: dict | None = None) -> dict:
+    """Adapter, curves and metrics out. `previous`: the metrics of a finished run being re-exported, whose
+    speed and runtime figures are kept (nothing was trained this time); `adapter`: the gathered FSDP tensors."""
     import mlflow
 
     from . import tracking
@@ -354,7 +429,7 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
     state = trainer.state
     out = Path(paths.adapter)
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp)
+        trainer.model.save_pretrained(tmp, state_dict=adapter)  # adapter: the gathered FSDP tensors, or None
         trainer.processing_class.save_pretrained(tmp)
 
     history = state.log_history
@@ -379,6 +454,8 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
     }
     if previous is not None:
         metrics = previous
+    elif resume and _is_finished(resume):  # killed after the final checkpoint, before these metrics: speeds unknown
+        metrics.update(tokens_per_s=None, steady_tokens_per_s=None, runtime_s=None)
     else:
         last = last_complete_checkpoint(Path(paths.checkpoints))
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
