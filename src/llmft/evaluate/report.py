@@ -33,21 +33,33 @@ def fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+VERDICTS = {"better": "tuned better", "worse": "base better", "ns": "no significant difference",
+            "few": f"too few examples (n < {MIN_N_VERDICT})", "none": "no estimate"}
+
+
+def verdict(r: dict) -> str:
+    """A key of VERDICTS for one result row. One rule for the markdown table and the PDF report: a side wins
+    only when the 95% CI of the delta excludes 0, and only on at least MIN_N_VERDICT paired examples."""
+    if r.get("delta") is None or None in (r.get("ci95") or [None]):  # NaN in the table is written as null
+        return "none"
+    if r["n"] < MIN_N_VERDICT:
+        return "few"
+    lo, hi = r["ci95"]
+    if lo <= 0 <= hi:
+        return "ns"
+    better = r["delta"] > 0 if r["higher_is_better"] else r["delta"] < 0
+    return "better" if better else "worse"
+
+
 def markdown(table: dict, header: str = "") -> str:
     lines = [header, "", "| metric | base | tuned | delta | 95% CI of delta | n | verdict |",
              "|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         if not is_result(r):
             continue
-        lo, hi = r["ci95"]
-        better = r["delta"] > 0 if r["higher_is_better"] else r["delta"] < 0
-        if r["n"] < MIN_N_VERDICT:
-            verdict = f"too few examples (n < {MIN_N_VERDICT})"
-        else:
-            significant = lo > 0 or hi < 0
-            verdict = ("tuned better" if better else "base better") if significant else "no significant difference"
+        lo, hi = r.get("ci95") or (None, None)
         lines.append(f"| {name} | {fmt(r['base'])} | {fmt(r['tuned'])} | {fmt(r['delta'])} | "
-                     f"[{fmt(lo)}, {fmt(hi)}] | {r['n']} | {verdict} |")
+                     f"[{fmt(lo)}, {fmt(hi)}] | {r['n']} | {VERDICTS[verdict(r)]} |")
     notes = [(n, r) for n, r in table.items() if not is_result(r)]
     if notes:
         lines += ["", "| benchmark | status | reason |", "|---|---|---|"]
