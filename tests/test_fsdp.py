@@ -78,8 +78,10 @@ def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, proce
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    # Effective batch 8 in both: 1 process x 2 rows x 4 accumulation steps = 2 processes x 2 rows x 2.
-    common = {"train.lora.dropout": 0.0, "train.max_steps": 4, "train.batch_size": 2}
+    # Effective batch 8 in both: 1 process x 2 rows x 4 accumulation steps = 2 processes x 2 rows x 2. SGD, as in
+    # the DDP test: Adam would turn fp32 reduction-order noise on near-zero gradients into visible differences.
+    common = {"train.lora.dropout": 0.0, "train.max_steps": 4, "train.batch_size": 2, "train.optim": "sgd",
+              "train.learning_rate": 0.5}
     single = run_train(tmp_path / "one", tiny_model_dir, processed, tracking_uri, **common, **{"train.grad_accum": 4})
     _run(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common, **{"train.grad_accum": 2})
     two = tmp_path / "two"
@@ -98,7 +100,8 @@ def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, proce
     # shapes, same values as the single process's up to fp32 reduction order.
     ref = adapter(tmp_path / "one")
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in ref.items()}
-    assert max_diff(ref, final) < 1e-5
+    moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)  # B starts at 0
+    assert moved > 1e-4 and max_diff(ref, final) < 1e-3 * moved, (moved, max_diff(ref, final))
     assert min(_lora_b_norms(final).values()) > 0, "every lora_B was trained (a reset shard would stay at zero)"
 
     # ... and it loads as a plain PEFT adapter in one process, giving the single run's logits.

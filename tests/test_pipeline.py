@@ -2,6 +2,7 @@
 only the stages that read it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ def sh(*cmd, cwd):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(cwd / "src"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{cmd}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
     return res.stdout
 
@@ -53,3 +54,76 @@ def test_repro_is_incremental(project):
     before = (project / "data/processed/train.jsonl").read_bytes()
     assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project)
     assert (project / "data/processed/train.jsonl").read_bytes() != before
+
+
+def test_moving_a_path_keeps_dvc_tracking_it(project):
+    """dvc.yaml names outputs as ${paths.*}: a path changed in params.yaml is what DVC tracks."""
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  data: data/processed\n", "  data: data/elsewhere\n", 1))
+    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project)
+    assert (project / "data/elsewhere/train.jsonl").exists() and not (project / "data/processed").exists()
+    lock = (project / "dvc.lock").read_text()
+    assert "path: data/elsewhere" in lock and "data/processed" not in lock
+    assert "up to date" in sh("dvc", "status", "prepare", cwd=project)
+
+
+@pytest.fixture
+def tiny_project(project, tiny_model_dir) -> Path:
+    """The whole pipeline on the tiny model: quick stages, the real dvc.yaml."""
+    import yaml
+
+    params = project / "params.yaml"
+    p = yaml.safe_load(params.read_text())
+    p["model"]["base"] = str(tiny_model_dir)
+    p["data"]["template"] = "llama2_chat"
+    p["train"].update(max_steps=4, batch_size=4, max_length=96, eval_steps=2, save_steps=2, max_eval_rows=8,
+                      max_train_rows=32)
+    p["evaluate"] = {"benchmarks": ["test_loss", "rouge"], "test_rows": 8, "rouge_rows": 2,
+                     "generation": {"max_new_tokens": 4, "batch_size": 2}, "bootstrap_samples": 200}
+    params.write_text(yaml.safe_dump(p, sort_keys=False))
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "tiny", cwd=project)
+    return project
+
+
+def test_experiments_show_their_params_and_headline_metrics(tiny_project):
+    """`dvc exp run -S` twice, then `dvc exp show --json`: every experiment and the baseline have their
+    params and headline metrics (train/validation loss, test loss base/tuned/delta, the registry decision);
+    `dvc metrics diff` and `dvc plots diff` read both commits; each MLflow run names its DVC experiment."""
+    from mlflow import MlflowClient
+
+    p = tiny_project
+    sh("dvc", "repro", cwd=p)
+    assert (p / "reports/report.pdf").read_bytes()[:5] == b"%PDF-"
+    sh("git", "add", "-A", cwd=p)
+    sh("git", "commit", "-qm", "baseline", cwd=p)  # metrics are committed, so the baseline has them too
+    for r in (4, 8):
+        sh("dvc", "exp", "run", "-S", f"train.lora.r={r}", "-n", f"rank{r}", cwd=p)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=p))
+    rows = {}
+    for commit in shown:
+        if commit["rev"] == "workspace":  # `dvc exp run` leaves the last experiment applied to the workspace
+            continue
+        rows["baseline"] = commit["data"]
+        for exp in commit.get("experiments") or []:
+            rows[exp["name"]] = exp["revs"][0]["data"]
+    assert {"rank4", "rank8"} <= set(rows), rows.keys()
+    for name in ("rank4", "rank8", "baseline"):
+        data = rows[name]
+        metrics = {f: v["data"] for f, v in data["metrics"].items()}
+        params = data["params"]["params.yaml"]["data"]
+        assert params["train"]["lora"]["r"] == {"rank4": 4, "rank8": 8}.get(name, 16)
+        assert metrics["metrics/train.json"]["eval_loss"] > 0 and metrics["metrics/train.json"]["train_loss"] > 0
+        assert set(metrics["metrics/eval.json"]["test_loss"]) == {"base", "tuned", "delta"}
+        assert metrics["metrics/register.json"]["decision"] in ("promoted", "not_promoted")
+        assert len(json.dumps(metrics["metrics/eval.json"])) < 400, "headline numbers only"
+    assert rows["rank4"]["metrics"]["metrics/train.json"]["data"]["eval_loss"] != \
+        rows["rank8"]["metrics"]["metrics/train.json"]["data"]["eval_loss"]
+    diff = sh("dvc", "metrics", "diff", "HEAD", "rank8", "--json", cwd=p)
+    assert "eval_loss" in diff
+    plots = sh("dvc", "plots", "diff", "HEAD", "rank8", "-o", str(p / "plots_diff"), cwd=p)
+    assert (p / "plots_diff" / "index.html").exists(), plots
+    client = MlflowClient(f"sqlite:///{p / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llmft").experiment_id], "tags.`dvc.exp_name` = 'rank8'")
+    assert len(runs) == 1 and runs[0].info.run_name.startswith("rank8 train r8")

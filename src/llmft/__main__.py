@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
+import re
 import shlex
 import sys
 
@@ -21,9 +24,12 @@ VERBS = {
     "merge": ("llmft.train", "merge", "merge the trained adapter into the base weights (paths.adapter + '-merged')"),
     "evaluate": ("llmft.evaluate", "evaluate", "base vs tuned on the configured benchmarks, with paired bootstrap CIs"),
     "register": ("llmft.registry", "register", "log the tuned model to the MLflow registry and promote it if it wins"),
+    "report": ("llmft.report", "report", "the run's 2-4 page PDF report (paths.report), built from its own records"),
     "tune": ("llmft.tune", "tune", "Optuna search over training, trials nested in MLflow, the best promoted"),
     "trials": ("llmft.tune", "trials", "list the study's trials: state, value, params, MLflow run"),
+    "ask": ("llmft.ask", "ask", "base and tuned answers to your prompts, side by side"),
 }
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # a dotted params key: what `ask` takes as an override
 
 EPILOG = """\
 Overrides are dotted keys into params.yaml, values parsed as YAML:
@@ -31,29 +37,46 @@ Overrides are dotted keys into params.yaml, values parsed as YAML:
 `python -m llmft params` lists every key with its default and meaning."""
 
 
+def _doc(module: str) -> str:
+    """The verb module's docstring (its commands and what it writes), read without importing it: `--help` must
+    not wait for torch."""
+    spec = importlib.util.find_spec(module)
+    try:
+        return ast.get_docstring(ast.parse(open(spec.origin).read())) or ""
+    except (OSError, SyntaxError, TypeError):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmft", description=__doc__.split("\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, (_, _, help_) in VERBS.items():
-        p = sub.add_parser(verb, help=help_, description=help_, epilog=EPILOG,
+    for verb, (module, _, help_) in VERBS.items():
+        p = sub.add_parser(verb, help=help_, description=_doc(module) or help_, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="override a params.yaml key")
+        p.add_argument("overrides", nargs="*", metavar="prompt" if verb == "ask" else "key=value",
+                       help="a prompt, or a key=value override" if verb == "ask" else "override a params.yaml key")
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.add_argument("--set", default="", metavar="'k=v k=v'",
                        help="overrides as one shell-quoted string (for MLproject entry points)")
+        if verb == "ask":
+            p.add_argument("--file", help="JSONL of prompts: {instruction, context?} per line")
+            p.add_argument("--tuned", help="the tuned side: models:/<name>@<alias>, an endpoint URL, or an adapter "
+                                           "folder (default: paths.adapter)")
     p = sub.add_parser("params", help="every key: the value in effect (params.yaml + overrides), its default, its meaning")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a params.yaml key")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
     try:
-        overrides = [*shlex.split(getattr(args, "set", "")), *args.overrides]
-        cfg = load_config(args.params, overrides)
+        words = [*shlex.split(getattr(args, "set", "")), *args.overrides]
+        prompts = [w for w in words if not OVERRIDE.match(w)] if args.verb == "ask" else []
+        cfg = load_config(args.params, [w for w in words if w not in prompts])
         if args.verb == "params":
             return _print_params(cfg)
         module, func, _ = VERBS[args.verb]
-        getattr(importlib.import_module(module), func)(cfg)
+        fn = getattr(importlib.import_module(module), func)
+        fn(cfg, prompts, file=args.file, tuned=args.tuned) if args.verb == "ask" else fn(cfg)
     except LlmftError as e:
         print(f"llmft {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -73,6 +96,7 @@ def _print_params(cfg) -> int:
         value = repr(flat.get(key))
         changed = "" if value == default else f"   (default: {default})"
         print(f"{key} = {value}{changed}\n    {doc}")
+    sys.stdout.flush()  # here, where a closed pipe (`| head`) is caught, not at exit
     return 0
 
 

@@ -13,6 +13,7 @@ import math
 import threading
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -74,7 +75,8 @@ class LlmftModel(mlflow.pyfunc.PythonModel):
         # The scoring server runs requests in threads; generate() flips the shared tokenizer's padding side.
         self.lock = threading.Lock()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        # pd.DataFrame: the scoring server's rows; MLflow validates them against the logged signature
         from llmft.config import GenerationConfig
         from llmft.generate import generate
         from llmft.templates import render_prompt

@@ -64,7 +64,7 @@ def train(cfg: Config, callbacks=(), on_run=None) -> dict:
             if is_main:
                 print(f"train: already finished at step {trainer.state.global_step} with this config; re-exporting "
                       f"{resume}, training nothing", flush=True)
-                metrics = _finish(cfg, trainer, curve, 0.0, resume, fingerprint, previous=_final_metrics(resume))
+                metrics = _finish(cfg, trainer, curve, 0.0, resume, fingerprint, replay=True)
             return metrics
         # Validation loss of the untrained adapter, so the curve starts at the base model: asked of train()
         # (eval_on_start), which evaluates after wrapping the model. An evaluate() before train() left the model
@@ -263,7 +263,7 @@ def build_trainer(cfg: Config):
         learning_rate=tc.learning_rate, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio,  # < 1 means a ratio
         weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim=tc.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing=tc.gradient_checkpointing,
         use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile,
         # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
         completion_only_loss=True, max_length=tc.max_length,
@@ -281,6 +281,9 @@ def build_trainer(cfg: Config):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=lora)
+    if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
     if fsdp and not trainer.is_fsdp_enabled:  # accelerate fell back to DDP or one plain process: say so
         raise LlmftError("FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate did not enable it for this "
                          "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
@@ -321,6 +324,13 @@ def _full_adapter(trainer):
 
     return get_model_state_dict(trainer.model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+
+class QuietProgress(ProgressCallback):
+    """Transformers' progress bars; the loss shows in the bar (LossCurve), not as printed dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class LossCurve(TrainerCallback):
@@ -371,9 +381,11 @@ class LossCurve(TrainerCallback):
             self.steady_tokens += state.num_input_tokens_seen - self.step_tokens0
         if not state.is_world_process_zero:
             return
+        losses = [h["loss"] for h in state.log_history[-3:] if "loss" in h]
         for cb in self.trainer.callback_handler.callbacks:
             if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
-                cb.training_bar.set_postfix(tok_s=f"{self.tokens_per_s(state):,.0f}", refresh=False)
+                cb.training_bar.set_postfix(**({"loss": f"{losses[-1]:.4g}"} if losses else {}),
+                                            tok_s=f"{self.tokens_per_s(state):,.0f}", refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not self.run_id or not state.is_world_process_zero or not logs:
@@ -417,9 +429,10 @@ def _peak_memory() -> dict[str, float]:
 
 
 def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fingerprint: str,
-            previous: dict | None = None, adapter: dict | None = None) -> dict:
-    """Adapter, curves and metrics out. `previous`: the metrics of a finished run being re-exported, whose
-    speed and runtime figures are kept (nothing was trained this time); `adapter`: the gathered FSDP tensors."""
+            replay: bool = False, adapter: dict | None = None) -> dict:
+    """Adapter, curves and metrics out. `replay`: a finished run re-exported from its final checkpoint (`resume`),
+    whose own metrics, speeds included, are kept (nothing was trained this time); `adapter`: the gathered FSDP
+    tensors."""
     import mlflow
 
     from . import tracking
@@ -452,10 +465,9 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
         "fingerprint": fingerprint,
         **_peak_memory(),
     }
-    if previous is not None:
-        metrics = previous
-    elif resume and _is_finished(resume):  # killed after the final checkpoint, before these metrics: speeds unknown
-        metrics.update(tokens_per_s=None, steady_tokens_per_s=None, runtime_s=None)
+    if replay:  # killed after the final checkpoint but before writing its metrics: the speeds are unknown
+        metrics = _final_metrics(resume) or {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None,
+                                             "runtime_s": None}
     else:
         last = last_complete_checkpoint(Path(paths.checkpoints))
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
@@ -465,8 +477,9 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
     mlflow.log_artifacts(str(out), "adapter")
     mlflow.log_artifacts(paths.train_plots, "plots")
     mlflow.log_artifact(paths.train_metrics, "metrics")
-    print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({metrics['tokens_per_s']:,.0f} tok/s overall, "
-          f"{metrics['steady_tokens_per_s']:,.0f} tok/s in steady steps), train loss {metrics['train_loss']}, "
+    rate = lambda v: f"{v:,.0f}" if v else "–"  # noqa: E731 (too few steps for a steady rate: none)
+    print(f"train: {metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f}s ({rate(metrics['tokens_per_s'])} tok/s "
+          f"overall, {rate(metrics['steady_tokens_per_s'])} tok/s in steady steps), train loss {metrics['train_loss']}, "
           f"eval loss {metrics['eval_loss']}, peak "
           + ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {v} GiB" for k, v in _peak_memory().items())
           + f"; adapter -> {out}")

@@ -1,0 +1,74 @@
+"""ask: base and tuned answers side by side, from the adapter on disk, the registry, or the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmft import ask, generate, templates
+from llmft.config import GenerationConfig, LlmftError, load_config, rebased_paths
+from test_registry import make_adapter, make_cfg, register_with, store  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("ask") / "adapter", seed=5)
+
+
+def expected(model_dir: Path, adapter_dir: Path | None, instruction: str, gen: GenerationConfig) -> str:
+    model, tok = generate.load(str(model_dir), str(adapter_dir) if adapter_dir else None)
+    prompt = templates.render_prompt("alpaca", [(instruction, None)], "", "", tok)
+    return generate.generate(model, tok, [prompt], gen, progress=False)[0]
+
+
+def test_answers_match_plain_generation_and_print_side_by_side(tmp_path, tiny_model_dir, adapter, capsys):
+    cfg = load_config("none.yaml", [*rebased_paths(tmp_path), f"model.base={tiny_model_dir}", f"paths.adapter={adapter}",
+                                    "evaluate.generation.max_new_tokens=8"])
+    (tmp_path / "p.jsonl").write_text(json.dumps({"instruction": "Name a colour.", "context": ""}) + "\n")
+    out = ask.ask(cfg, ["Say hi"], file=str(tmp_path / "p.jsonl"))
+    assert [r["instruction"] for r in out] == ["Say hi", "Name a colour."]
+    gen = cfg.evaluate.generation
+    assert out[0]["base"] == expected(tiny_model_dir, None, "Say hi", gen)
+    assert out[0]["tuned"] == expected(tiny_model_dir, adapter, "Say hi", gen)
+    assert out[0]["base"] != out[0]["tuned"], "the adapter changes the answer"
+    text = capsys.readouterr().out
+    assert "base:" in text and f"tuned: {adapter}" in text and "[2] Name a colour." in text
+    first = text.splitlines()[1]
+    assert first.index("│") > 20  # two columns
+
+
+def test_registry_champion_answers_like_the_adapter(tmp_path, store, tiny_model_dir, adapter):  # noqa: F811
+    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapter, "ask-champion")
+    register_with(cfg, 1.0)
+    out = ask.ask(cfg, ["Say hi"], tuned="models:/ask-champion@champion")
+    assert out[0]["tuned"] == expected(tiny_model_dir, adapter, "Say hi", cfg.evaluate.generation)
+    with pytest.raises(LlmftError, match="--tuned models:/no-such-model@champion"):
+        ask.ask(cfg, ["Say hi"], tuned="models:/no-such-model@champion")
+
+
+def test_bad_prompt_files_and_missing_adapter_are_clear(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "ok"}\n{"context": "no instruction"}\n')
+    with pytest.raises(LlmftError, match=r"bad\.jsonl:2: each row needs a non-empty string 'instruction'"):
+        ask.read_prompts([], str(bad))
+    with pytest.raises(LlmftError, match="give a prompt"):
+        ask.read_prompts([], None)
+    cfg = load_config("none.yaml", [*rebased_paths(tmp_path), f"model.base={tiny_model_dir}"])
+    with pytest.raises(LlmftError, match="no adapter at .*paths.adapter"):
+        ask.ask(cfg, ["hi"])
+
+
+def test_cli_takes_prompts_and_overrides(tmp_path, tiny_model_dir, adapter):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, "-m", "llmft", "ask", "What is 2+2=?", f"model.base={tiny_model_dir}",
+                          f"paths.adapter={adapter}", "evaluate.generation.max_new_tokens=4"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[1] What is 2+2=?" in res.stdout  # a prompt with '=' in it is a prompt, not an override
+    assert "generating" in res.stderr  # the progress bar
