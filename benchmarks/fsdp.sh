@@ -48,4 +48,5 @@ echo "fsdp.sh: reload check rc=$?"; show < "$RES/fsdp_reload_check.log"
   > "$RES/fsdp_files.txt" 2>&1
 
 echo "fsdp.sh: done in $((SECONDS - start)) s"
+shopt -s nullglob  # no ddp_*gpu log at N=1: an unmatched glob would make grep exit 2
 grep -h "^RESULT" "$RES"/llmft_plain_1gpu.log "$RES"/llmft_ddp_*gpu.log "$RES"/llmft_fsdp2_*gpu.log "$RES/fsdp_reload_check.log" 2>/dev/null
