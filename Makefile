@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 VOCAB  := $(HOME)/.cache/llmft/ggml-vocab-llama-spm.gguf
+PLOTS  := .dvc/plots/offline.html
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -10,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup pipeline test test-long ui clean
-setup: $(BIN)/.installed $(VOCAB)
+setup: $(BIN)/.installed $(VOCAB) $(PLOTS)
 
 # requirements.lock is the full `pip freeze` of a working install: no drift between machines.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -29,6 +30,10 @@ $(VOCAB):
 	tar -xzf $$tmp/llama_cpp_python-0.3.36.tar.gz -C $$tmp --wildcards '*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf' && \
 	mv $$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf $@.tmp && mv $@.tmp $@; \
 	rm -rf $$tmp
+
+# `dvc plots show` offline: Vega inlined into DVC's page template (from the npm registry; skipped without it).
+$(PLOTS): tools/offline_plots.py | $(BIN)/.installed
+	-$(BIN)/python tools/offline_plots.py
 
 pipeline: setup
 	dvc repro

@@ -124,6 +124,11 @@ def test_experiments_show_their_params_and_headline_metrics(tiny_project):
     assert "eval_loss" in diff
     plots = sh("dvc", "plots", "diff", "HEAD", "rank8", "-o", str(p / "plots_diff"), cwd=p)
     assert (p / "plots_diff" / "index.html").exists(), plots
+    template = ROOT / ".dvc" / "plots" / "offline.html"  # made by `make setup` (tools/offline_plots.py)
+    if template.exists():
+        sh("dvc", "plots", "show", "--html-template", str(template), "-o", str(p / "offline"), cwd=p)
+        page = (p / "offline" / "index.html").read_text()
+        assert "cdn.jsdelivr" not in page and "vegaEmbed(" in page and "eval_loss.csv" in page
     client = MlflowClient(f"sqlite:///{p / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("llmft").experiment_id], "tags.`dvc.exp_name` = 'rank8'")
     assert len(runs) == 1 and runs[0].info.run_name.startswith("rank8 train r8")
