@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import time
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
@@ -227,6 +228,7 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 
 def prepare(cfg: Config) -> None:
     dc, paths = cfg.data, cfg.paths
+    start = time.time()
     raw, provenance = load_rows(dc)
     rows, dropped = clean(raw)
     if not rows:
@@ -249,6 +251,7 @@ def prepare(cfg: Config) -> None:
                         lengths.append(len(tok(row["prompt"] + row["completion"]).input_ids) + 1)  # + EOS
             stats["splits"][name] = {"rows": len(part), "categories": dict(sorted(Counter(r["category"] for r in part).items())),
                                      "tokens": _percentiles(lengths)}
+        stats["runtime_s"] = round(time.time() - start, 1)
         write_json(tmp / STATS, stats)
     write_json(paths.data_metrics, summary(stats))
     s = stats["splits"]

@@ -17,6 +17,7 @@ import importlib.metadata as md
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -121,11 +122,13 @@ def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None)
 def register(cfg: Config) -> dict:
     """The stage: the pipeline's adapter, judged by its own metrics files, through `promote`."""
     r, paths = cfg.register, cfg.paths
+    start = time.time()
     ref = metrics.parse(r.metric)
     candidate, missing_why, marked = metrics.read(ref, Path(paths.train_metrics), Path(paths.eval_dir) / "table.json")
     direction = metrics.resolve_direction(ref, r.direction, marked)
     with tracking.start_run(cfg, new=False):
         result = promote(cfg, paths.adapter, candidate, direction, missing_why)
+    result["runtime_s"] = round(time.time() - start, 1)  # the report's runtime table
     tracking.write_json(paths.register_metrics, result)
     return result
 
