@@ -263,7 +263,8 @@ def test_a_finished_runs_outputs_judged_again_by_another_judge_without_a_model(f
     # round trip: the answers judged are the files read, written again in the same formats
     new = tmp_path / "eval" / "outputs"
     for side in ("base", "tuned"):
-        assert json.loads((new / f"alpaca_eval_{side}.json").read_text()) == json.loads((out / f"alpaca_eval_{side}.json").read_text())
+        name = f"alpaca_eval_{side}.json"
+        assert json.loads((new / name).read_text()) == json.loads((out / name).read_text())
         assert (new / f"mt_bench_{side}.jsonl").read_text() == (out / f"mt_bench_{side}.jsonl").read_text()
 
 

@@ -13,10 +13,12 @@ first completion, though cpuinfo lists AMX:
         pip install --no-deps --target /tmp/llamacpp llama-cpp-python==0.3.36 sse-starlette==3.7.0 starlette-context==0.5.1
     PYTHONPATH=/tmp/llamacpp make test-long
 
-What it records, as observed: AlpacaEval's logprob annotator parses every judgment of so small a model (one
-token, `m` or `M`, read from the logprobs); its MT-Bench judgments carry no `[[rating]]`, so MT-Bench yields no
-result, which must be an error row and a failed stage (LlmftError, exit code 2 from the CLI) whose summary line
-says so, not a quiet success.
+What it records, as observed here (December 2026, 6 min on 2 cores): AlpacaEval's logprob annotator parses all
+12 judgments of so small a model (one token, `m` or `M`, read from the logprobs); of its 8 MT-Bench judgments
+one carried a rating (base, turn 1) and none on the tuned side, so MT-Bench yields no result, which must be an
+error row and a failed stage (LlmftError, exit code 2 from the CLI) whose summary line says so, not a quiet
+success. A judge that happened to rate both sides would give a row instead; the test accepts either outcome
+only when it is reported as what it is.
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ from test_serving import free_port, start_process, stop_process, wait_until_up
 
 pytestmark = pytest.mark.long
 
-HOW = ("needs llama-cpp-python 0.3.36, built from its sdist (the module docstring has the command): "
-       "pip install --no-deps --target /tmp/llamacpp llama-cpp-python==0.3.36 sse-starlette starlette-context, "
-       "then PYTHONPATH=/tmp/llamacpp make test-long")
+HOW = ("needs llama-cpp-python 0.3.36, built from its sdist (~8-20 min): CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+       "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+       "-DGGML_AMX_BF16=OFF\" pip install --no-deps --target /tmp/llamacpp llama-cpp-python==0.3.36 "
+       "sse-starlette==3.7.0 starlette-context==0.5.1, then PYTHONPATH=/tmp/llamacpp make test-long")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,12 @@ def test_evaluate_with_llama_cpp_server_as_the_judge(llama_server, tiny_model_di
     assert table["alpaca_eval_tuned_vs_base"]["parse_failures"] == 0
     # MT-Bench: 2 questions x 2 turns x 2 sides. Whatever the small judge wrote, the outcome is told honestly
     assert meta["judge_calls"]["mt_bench"]["judgments"] + meta["judge_calls"]["mt_bench"]["given_up"] == 8
-    if "mt_bench" in table:  # no [[rating]] on both sides of any judgment: no result
+    judged = [json.loads(x) for x in (Path(cfg.paths.eval_dir) / "outputs" / "mt_bench_judgments.jsonl")
+              .read_text().splitlines()]
+    unparsed = {side: sum(r["score"] == -1 for r in judged if r["model"] == side) for side in ("base", "tuned")}
+    row = table.get("mt_bench") or table["mt_bench_score"]
+    assert len(judged) == 8 and row["parse_failures"] == unparsed  # every unparsable judgment is counted
+    if "mt_bench" in table:  # no (question, turn) rated on both sides: no result
         assert table["mt_bench"]["status"] == "error" and "no judgment could be parsed" in table["mt_bench"]["reason"]
         assert failed is not None and "mt_bench" in failed
         assert summary.startswith("evaluate: FAILED") and "mt_bench FAILED: no judgment could be parsed" in summary

@@ -204,7 +204,8 @@ def chat_many(judge: Judge, requests: list[tuple[list[dict], dict]], desc: str =
     pool = ThreadPoolExecutor(max_workers=max(1, judge.cfg.max_concurrency))
     failed = []
     try:
-        what = f"{desc} ({judge.cfg.model}" + (f", repeat {repeat + 1}/{judge.cfg.repeats})" if judge.cfg.repeats > 1 else ")")
+        n = judge.cfg.repeats
+        what = f"{desc} ({judge.cfg.model}" + (f", repeat {repeat + 1}/{n})" if n > 1 else ")")
         with tqdm(total=len(requests), desc=what, unit="judgment") as bar:
             futures = [pool.submit(chat, judge, messages, repeat, **params) for messages, params in requests]
             for f in futures:
