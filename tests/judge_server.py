@@ -7,15 +7,22 @@ It answers in the judges' formats, deterministically, from the prompt it is sent
   length (1..10).
 Switches: `failures` (a list of HTTP statuses to answer with before answering normally, e.g. [500, 429]),
 `delays` / `delay_all` (stall before answering: timeouts, concurrency; `max_inflight` records the peak),
-`malformed` (answers no judge parser can read; True or a predicate on the prompt), `single_brackets` (MT-Bench "[k]", FastChat's fallback).
+`malformed` (answers no judge parser can read; True or a predicate on the prompt), `single_brackets` (MT-Bench "[k]", FastChat's fallback),
+`fault_rate` (that share of requests fails, in one of `fault_kinds`, decided by `fault_seed`, the body and how many
+times that body arrived before, so the faults do not depend on thread timing; `injected` counts them),
+`vary` (the k-th answer to the same body moves: MT-Bench ratings by +k, AlpacaEval's winner less sure, as a
+judge's repeats do).
 `requests` counts every POST it received, `bodies` and `headers` keep them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -45,6 +52,11 @@ def mt_rating(prompt: str) -> int:
     return max(1, min(10, 1 + len(answer.strip()) // 10))
 
 
+# every way a real judge server fails: a stall past the client's timeout, rate limits, server errors, a 200 whose
+# body is not JSON, a completion with an empty message
+FAULT_KINDS = ("timeout", "429", "500", "503", "malformed_body", "empty_message")
+
+
 class JudgeServer:
     def __init__(self):
         self.failures: list[int] = []
@@ -54,6 +66,15 @@ class JudgeServer:
         self.max_inflight = 0
         self.malformed = False  # or a predicate on the prompt text
         self.single_brackets = False
+        self.fault_rate = 0.0
+        self.fault_seed = 0
+        self.fault_kinds = FAULT_KINDS
+        self.fault_delay = 2.0  # how long a "timeout" stalls: more than the judge's timeout_s
+        self.retry_after = "0.05"  # seconds, the Retry-After of a 429
+        self.injected: Counter = Counter()
+        self.vary = False
+        self.arrivals: Counter = Counter()  # per distinct body
+        self.answered: Counter = Counter()  # per distinct body, answers without a fault
         self.requests = 0
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
@@ -81,19 +102,33 @@ class JudgeServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def answer(self, body: dict) -> dict:
+    def fault(self, key: str) -> str | None:
+        """The fault for this arrival of this body (call under the lock), or None."""
+        self.arrivals[key] += 1
+        rng = random.Random(f"{self.fault_seed}/{key}/{self.arrivals[key]}")
+        if rng.random() >= self.fault_rate:
+            return None
+        kind = rng.choice(self.fault_kinds)
+        self.injected[kind] += 1
+        return kind
+
+    def answer(self, body: dict, k: int = 0) -> dict:
+        """The judgment; k: how many times this body was answered before (used by `vary`)."""
         prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
         malformed = self.malformed(prompt) if callable(self.malformed) else self.malformed
+        k = k if self.vary else 0
         logprobs = None
         if "Best Model Identifier" in prompt:
             token = "Both" if malformed else alpaca_winner(prompt)
             other = {"m": "M", "M": "m"}.get(token, "The")
-            logprobs = {"content": [{"token": token, "logprob": -0.1, "bytes": list(token.encode()),
-                                     "top_logprobs": [{"token": token, "logprob": -0.1, "bytes": list(token.encode())},
-                                                      {"token": other, "logprob": -2.4, "bytes": list(other.encode())}]}]}
+            # the winner's margin shrinks with k: the weighted preference moves towards 1.5
+            win, lose = -0.1 - 0.3 * k, -2.4 + 0.6 * k
+            logprobs = {"content": [{"token": token, "logprob": win, "bytes": list(token.encode()),
+                                     "top_logprobs": [{"token": token, "logprob": win, "bytes": list(token.encode())},
+                                                      {"token": other, "logprob": lose, "bytes": list(other.encode())}]}]}
             text = token
         elif "[[rating]]" in prompt:
-            k = mt_rating(prompt)
+            k = min(10, mt_rating(prompt) + k)
             text = ("I cannot grade this." if malformed
                     else f"The answer is ok. Rating: [{k}]" if self.single_brackets else f"The answer is ok. Rating: [[{k}]]")
         else:
@@ -122,31 +157,58 @@ class JudgeServer:
                 self.wfile.write(data)
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.loads(raw or b"{}")
+                key = hashlib.sha256(raw).hexdigest()
                 with server.lock:
                     server.requests += 1
                     server.bodies.append(body)
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                     status = server.failures.pop(0) if server.failures else 200
                     delay = server.delays.pop(0) if server.delays else server.delay_all
+                    fault = server.fault(key) if server.fault_rate else None
+                    if fault is None and status == 200:
+                        server.answered[key] += 1
+                    k = server.answered[key] - 1
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                 try:
                     time.sleep(delay)
-                    self._answer(status, body)
+                    if fault:
+                        return self._fault(fault, body)
+                    self._answer(status, body, k)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test): nothing to answer
                 finally:
                     with server.lock:
                         server.inflight -= 1
 
-            def _answer(self, status: int, body: dict):
+            def _answer(self, status: int, body: dict, k: int = 0):
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if status != 200:
                     # Retry-After 0: the client's backoff still applies, tests stay fast
                     return self._send(status, {"error": {"message": f"stand-in error {status}", "type": "server_error"}},
                                       {"Retry-After": "0"} if status == 429 else None)
-                self._send(200, server.answer(body))
+                self._send(200, server.answer(body, k))
+
+            def _fault(self, kind: str, body: dict):
+                if kind == "timeout":
+                    time.sleep(server.fault_delay)  # the client has given up by now
+                    return self._send(200, server.answer(body))
+                if kind in ("429", "500", "503"):
+                    return self._send(int(kind), {"error": {"message": f"stand-in fault {kind}", "type": "server_error"}},
+                                      {"Retry-After": server.retry_after} if kind == "429" else None)
+                if kind == "malformed_body":  # a proxy cut the body short
+                    data = json.dumps(server.answer(body)).encode()[:40]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                answer = server.answer(body)  # empty_message: a well-formed completion saying nothing
+                answer["choices"][0]["message"]["content"] = ""
+                answer["choices"][0]["logprobs"] = None
+                return self._send(200, answer)
 
         return Handler

@@ -12,6 +12,7 @@ from judge_server import JudgeServer
 from llmft import templates, tracking
 from llmft.config import LlmftError, load_config, rebased_paths
 from llmft.evaluate import candidates, evaluate
+from test_eval_judges import _show_result
 from test_registry import make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +236,36 @@ def test_parse_failures_are_counted(project, tiny_model_dir, bench_data, tmp_pat
     row = table["mt_bench_score"]
     assert row["parse_failures"] == {"base": 3, "tuned": 3}
     assert row["n"] == 3 and "mt_bench_score/turn_2" not in table and "mt_bench_score/turn_1" in table
+    # the judgments file is FastChat's model_judgment format: its show_result gives the table's scores
+    fastchat = _show_result(tmp_path / "eval" / "outputs" / "mt_bench_judgments.jsonl")
+    assert fastchat[("base", "all")] == pytest.approx(row["base"]) and fastchat[("tuned", 1)] == pytest.approx(row["tuned"])
+
+
+def test_a_finished_runs_outputs_judged_again_by_another_judge_without_a_model(full_run, project, bench_data,
+                                                                              tmp_path, at_repo_root):
+    """The answers a run wrote (alpaca_eval model_outputs JSON, FastChat model_answer JSONL) judged again by
+    another judge: the model and adapter named do not exist, so nothing is loaded or generated; the new judge
+    is asked every judgment, and the same judging logic gives the same rows."""
+    cfg, table, _ = full_run
+    root, _ = project
+    out = Path(cfg.paths.eval_dir) / "outputs"
+    files = [f"evaluate.outputs.{side}.{b}={out / name}" for side in ("base", "tuned")
+             for b, name in (("alpaca_eval", f"alpaca_eval_{side}.json"), ("mt_bench", f"mt_bench_{side}.jsonl"))]
+    with JudgeServer() as other:
+        again = make_cfg(root, "nobody/no-such-model", tmp_path / "no_adapter", bench_data,
+                         "evaluate.benchmarks=[alpaca_eval,mt_bench]", "evaluate.judge.model=another-judge",
+                         f"evaluate.judge.base_url={other.base_url}", *files, *elsewhere(tmp_path))
+        rejudged = evaluate(again)
+    assert other.requests == 4 * 3 + 4 * 2 * 2
+    for name in ("alpaca_eval_win_rate", "alpaca_eval_tuned_vs_base", "mt_bench_score", "mt_bench_score/turn_2"):
+        assert {k: rejudged[name][k] for k in ROW_KEYS} == {k: table[name][k] for k in ROW_KEYS}, name
+    assert rejudged["mt_bench_score"]["judge"] == f"another-judge at {other.base_url}"
+    # round trip: the answers judged are the files read, written again in the same formats
+    new = tmp_path / "eval" / "outputs"
+    for side in ("base", "tuned"):
+        name = f"alpaca_eval_{side}.json"
+        assert json.loads((new / name).read_text()) == json.loads((out / name).read_text())
+        assert (new / f"mt_bench_{side}.jsonl").read_text() == (out / f"mt_bench_{side}.jsonl").read_text()
 
 
 def test_unreachable_judge_is_an_error_row_naming_the_url(project, tiny_model_dir, bench_data, tmp_path, at_repo_root):

@@ -241,3 +241,109 @@ def test_length_controlled_win_rate_says_why_it_is_missing():
         assert "tatsu-lab/alpaca_eval" in row["reason"] and "df_gamed.csv" in row["reason"]
     else:  # with the hub files cached, the GLM runs and the tuned side's preference is higher
         assert 0 <= row["base"] < row["tuned"] <= 100
+
+
+def _show_result(path) -> dict:
+    """FastChat's own show_result (single mode) on a model_judgment file, its printed tables read back:
+    {(model, turn or 'all'): score}."""
+    import argparse
+    import contextlib
+    import io
+    import re
+
+    from fastchat.llm_judge.show_result import display_result_single
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        display_result_single(argparse.Namespace(input_file=str(path), bench_name="mt_bench", model_list=None,
+                                                 judge_model="stand-in"))
+    scores = {}
+    for line in out.getvalue().splitlines():
+        if m := re.fullmatch(r"(base|tuned)\s+([12])\s+([\d.]+)", line.strip()):
+            scores[(m[1], int(m[2]))] = float(m[3])
+        elif m := re.fullmatch(r"(base|tuned)\s+([\d.]+)", line.strip()):
+            scores[(m[1], "all")] = float(m[2])
+    return scores
+
+
+def test_mt_bench_scores_each_side_as_fastchat_does(tmp_path):
+    """Parse failures on both sides, in different places: each side's score is its own FastChat score (its
+    parsed ratings only), by hand and by FastChat's show_result; the CI pairs what both sides parsed."""
+    from llmft.evaluate.report import write_jsonl
+
+    questions = [{"question_id": 81, "category": "writing"}, {"question_id": 111, "category": "math"},
+                 {"question_id": 82, "category": "writing"}]
+    ratings = {("base", 0, 1): 8, ("base", 0, 2): 6, ("base", 1, 1): 4, ("base", 1, 2): -1,
+               ("base", 2, 1): -1, ("base", 2, 2): 7,
+               ("tuned", 0, 1): 9, ("tuned", 0, 2): -1, ("tuned", 1, 1): 5, ("tuned", 1, 2): 3,
+               ("tuned", 2, 1): 6, ("tuned", 2, 2): 8}
+    rows = mtbench.scores(questions, [ratings], 200, 0, "stand-in")
+    row = rows["mt_bench_score"]
+    # by hand: base parsed 8, 6, 4, 7; tuned 9, 5, 3, 6, 8
+    assert (row["base"], row["tuned"]) == pytest.approx((6.25, 6.2))
+    assert row["delta"] == pytest.approx(-0.05)
+    assert (rows["mt_bench_score/turn_1"]["base"], rows["mt_bench_score/turn_1"]["tuned"]) == pytest.approx((6.0, 20 / 3))
+    assert (rows["mt_bench_score/turn_2"]["base"], rows["mt_bench_score/turn_2"]["tuned"]) == pytest.approx((6.5, 5.5))
+    assert (rows["mt_bench_score/writing"]["base"], rows["mt_bench_score/writing"]["tuned"]) == pytest.approx((7.0, 23 / 3))
+    # the paired delta is over (q0, turn 1), (q1, turn 1), (q2, turn 2): +1 each; the old means over these pairs
+    # (base 6.33, tuned 7.33) were neither side's FastChat score
+    assert row["n"] == row["n_paired"] == 3 and row["delta_paired"] == pytest.approx(1.0)
+    assert row["ci95"] == pytest.approx([1.0, 1.0])
+    assert row["n_scored"] == {"base": 4, "tuned": 5} and row["parse_failures"] == {"base": 2, "tuned": 1}
+    # FastChat's own show_result on the same judgments, in its model_judgment format
+    path = tmp_path / "judgments.jsonl"
+    write_jsonl(path, [{"question_id": questions[i]["question_id"], "model": side, "turn": t, "score": v,
+                        "judge": ["stand-in", "single-v1"]} for (side, i, t), v in ratings.items()])
+    fastchat = _show_result(path)
+    for side in ("base", "tuned"):
+        assert fastchat[(side, "all")] == pytest.approx(row[side], abs=1e-6)
+        for t in (1, 2):
+            assert fastchat[(side, t)] == pytest.approx(rows[f"mt_bench_score/turn_{t}"][side], abs=1e-6)
+
+
+def test_mt_bench_without_a_parsed_side_is_an_error_naming_it():
+    questions = [{"question_id": 81, "category": "writing"}]
+    ratings = {("base", 0, 1): 5, ("base", 0, 2): 6, ("tuned", 0, 1): -1, ("tuned", 0, 2): -1}
+    rows = mtbench.scores(questions, [ratings], 200, 0, "stand-in")
+    assert rows["mt_bench"]["status"] == "error"
+    assert rows["mt_bench"]["reason"].startswith("no judgment could be parsed for tuned")
+
+
+def test_judge_repeats_have_their_own_cache_entries(server, tmp_path):
+    judge = _judge(server, tmp_path)
+    messages, params = _rating_request("an answer")
+    # repeat 0 is the plain key: caches written before repeats existed stay valid
+    assert judges.cache_key(judge, messages, params, 0) == judges.cache_key(judge, messages, params)
+    for repeat in (0, 1, 2, 0, 1, 2):
+        judges.chat(judge, messages, repeat, **params)
+    assert server.requests == 3 and judge.counts["cached"] == 3
+
+
+def test_empty_or_malformed_every_time_is_given_up_uncached(server, tmp_path):
+    """A judge that always answers an empty message (or a body that is not JSON): asked 1 + max_retries times,
+    counted, then given up as an unparsable judgment, and not cached, so a rerun asks again."""
+    for kind in ("empty_message", "malformed_body"):
+        server.fault_rate, server.fault_kinds = 1.0, (kind,)
+        judge = _judge(server, tmp_path, max_retries=2)
+        start = server.requests
+        choice = _chat(judge, _rating_request(f"answer for {kind}"))
+        assert mtbench.parse_rating(judges.content(choice)) == -1 and choice["given_up"]
+        assert server.requests - start == 3 and judge.failures == {kind: 3}
+        s = judges.summary(judge)
+        assert s["given_up"] == 1 and s["retries"] == 2 and s["judgments"] == 0
+        _chat(judge, _rating_request(f"answer for {kind}"))
+        assert server.requests - start == 6  # nothing was cached
+    server.fault_rate = 0.0
+    assert "[[" in judges.content(_chat(_judge(server, tmp_path), _rating_request("answer for empty_message")))
+
+
+def test_retries_and_failures_are_counted_by_kind(server, tmp_path):
+    server.failures = [500, 429, 503]
+    judge = _judge(server, tmp_path, max_retries=3)
+    _chat(judge, _rating_request("counted answer"))
+    assert judges.summary(judge) == {"requests": 4, "retries": 3, "judgments": 1, "cached": 0, "given_up": 0,
+                                     "failures": {"http_429": 1, "http_500": 1, "http_503": 1}}
+    server.delays = [3.0]
+    slow = _judge(server, tmp_path, max_retries=2, timeout_s=0.5)
+    _chat(slow, _rating_request("slow counted answer"))
+    assert slow.failures == {"timeout": 1} and judges.summary(slow)["retries"] == 1

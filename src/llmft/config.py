@@ -325,14 +325,21 @@ class JudgeConfig:
     """Judge requests in flight at once."""
     max_retries: int = 5
     """Retries per request on timeouts, connection errors, 429 and 5xx (the openai client's exponential backoff
-    with jitter, honouring Retry-After)."""
+    with jitter, honouring Retry-After); also how many times a judgment is asked again when the answer is not a
+    chat completion (malformed JSON) or its message is empty, after which it counts as a parse failure."""
     timeout_s: float = 60.0
     """Per-request timeout in seconds."""
     max_tokens: int = 2048
     """Longest MT-Bench judgment (FastChat uses 2048). AlpacaEval's annotator config sets its own (1 token)."""
+    repeats: int = 1
+    """Times each judgment is asked (each repeat cached under its own key). With more than 1, a judged row's
+    base/tuned are the median over repeats of each repeat's own benchmark score, `repeats` holds every repeat's
+    scores and their min/max, and the CI pairs the per-example medians. MT-Bench's maintainers advise the median
+    of several runs: at temperature 0 its scores still move 0.1-0.2 between runs."""
 
     def _checks(self) -> Check:
         yield "max_concurrency", self.max_concurrency >= 1, "must be >= 1"
+        yield "repeats", self.repeats >= 1, "must be >= 1"
         yield "max_retries", self.max_retries >= 0, "must be >= 0"
         yield "timeout_s", self.timeout_s > 0, "must be > 0"
         yield "max_tokens", self.max_tokens >= 1, "must be >= 1"
@@ -360,6 +367,29 @@ class GenerationConfig:
         yield "top_p", 0 < self.top_p <= 1, "must be in (0, 1]"
         yield "repetition_penalty", self.repetition_penalty > 0, "must be > 0"
         yield "batch_size", self.batch_size >= 1, "must be >= 1"
+
+
+@dataclass
+class SavedOutputs:
+    alpaca_eval: Optional[str] = None
+    """alpaca_eval model_outputs JSON (a list of {instruction, output, generator?, dataset?}) answering at least
+    the sampled AlpacaEval instructions; null: generate them."""
+    mt_bench: Optional[str] = None
+    """FastChat model_answer JSONL ({question_id, model_id, choices: [{index, turns: [answer 1, answer 2]}]} per
+    line; a question_id repeated later wins, as in FastChat) covering the sampled questions; null: generate them."""
+
+
+@dataclass
+class OutputsConfig:
+    """Answers already on disk, judged instead of generated: any model's, in alpaca_eval's and FastChat's formats,
+    or a finished run's own (paths.eval_dir/outputs/alpaca_eval_<side>.json, mt_bench_<side>.jsonl), so judging
+    again with another judge costs no generation. When every judged side comes from files and no other benchmark
+    runs, no model is loaded."""
+
+    base: SavedOutputs = field(default_factory=SavedOutputs)
+    """The baseline's answers (instead of the base model's)."""
+    tuned: SavedOutputs = field(default_factory=SavedOutputs)
+    """The candidate's answers (instead of the tuned model's)."""
 
 
 @dataclass
@@ -410,6 +440,8 @@ class EvaluateConfig:
     """Generation settings, shared by base and tuned."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """LLM judge for AlpacaEval and MT-Bench."""
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    """Saved answers to judge instead of generating (per side and benchmark)."""
 
     def _checks(self) -> Check:
         from .evaluate.benchmarks import BENCHMARKS
@@ -427,6 +459,10 @@ class EvaluateConfig:
                                                        else shots) >= 0, "must be >= 0"
         ep = self.candidate_endpoint
         yield "candidate_endpoint", ep is None or ep.startswith(("http://", "https://")), "must be an http(s) URL or null"
+        for side in ("base", "tuned"):
+            for bench in ("alpaca_eval", "mt_bench"):
+                yield (f"outputs.{side}.{bench}", getattr(getattr(self.outputs, side), bench) is None
+                       or bench in self.benchmarks, f"is set but {bench} is not in evaluate.benchmarks")
 
 
 # ----------------------------------------------------------------------------------------- register

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -17,9 +18,12 @@ from . import candidates as cands
 from . import judges, sources, stats
 from ..tracking import write_json
 from .report import outputs_dir, write_jsonl
+from .saved import same_file
 
 REFERENCE = "gpt4_1106_preview"
 ALL = 805
+# what alpaca_eval's length-controlled GLM downloads (glm_winrate.py), once, into its cache
+HUB_FILES = "df_gamed.csv and instruction_difficulty.csv from the hub dataset tatsu-lab/alpaca_eval (network, once)"
 
 # completions_kwargs that steer alpaca_eval's own client, not the chat completion request
 _CLIENT_ONLY = {"requires_chatml", "is_chat", "num_procs", "batch_size", "price_per_token", "tokens_to_favor",
@@ -27,7 +31,7 @@ _CLIENT_ONLY = {"requires_chatml", "is_chat", "num_procs", "batch_size", "price_
                 "client_config_path", "sleep_time", "n_retries"}
 
 
-def _fn_completions(judge: judges.Judge):
+def _fn_completions(judge: judges.Judge, repeat: int):
     """A drop-in for alpaca_eval's `openai_completions` that goes through our judge client."""
     from alpaca_eval.utils import prompt_to_chatml
 
@@ -40,7 +44,7 @@ def _fn_completions(judge: judges.Judge):
             p = p.strip()
             messages = prompt_to_chatml(p) if p.startswith("<|im_start|>") else [{"role": "user", "content": p}]
             requests.append((messages, params))
-        choices = judges.chat_many(judge, requests, "AlpacaEval judging")
+        choices = judges.chat_many(judge, requests, "AlpacaEval judging", repeat=repeat)
         for ch in choices:
             ch["text"] = judges.content(ch) or " "  # as alpaca_eval's client: an empty answer is not parsed
         n = len(choices)
@@ -50,7 +54,7 @@ def _fn_completions(judge: judges.Judge):
     return fn_completions
 
 
-def annotator(config: str, judge: judges.Judge, seed: int):
+def annotator(config: str, judge: judges.Judge, seed: int, repeat: int = 0):
     level = logging.getLogger().level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # alpaca_eval imports the deprecated pkg_resources
@@ -60,7 +64,7 @@ def annotator(config: str, judge: judges.Judge, seed: int):
     # seed 0 is alpaca_eval's default; it fixes which output is shown first, per instruction
     ann = PairwiseAnnotator(annotators_config=config, caching_path=None, seed=seed)
     for single in ann.annotators.values():
-        single.fn_completions = _fn_completions(judge)
+        single.fn_completions = _fn_completions(judge, repeat)
     return ann
 
 
@@ -71,27 +75,34 @@ def _preferences(ann, outputs_1: list[dict], outputs_2: list[dict]) -> tuple[dic
     return {k: v for k, v in parsed.items() if not math.isnan(v)}, annotated
 
 
-def _winrate_row(rows, prefs_b: dict, prefs_t: dict, e, judge, failures, **extra) -> tuple[dict, np.ndarray]:
+def _winrate_row(rows, prefs_b: dict, prefs_t: dict, e, judge, failures, **extra) -> tuple[dict, dict]:
+    """The win-rate row, each side's number alpaca_eval's own (all its parsed annotations), the CI paired on the
+    instructions both sides have; and its per-dataset rows, alike."""
     from alpaca_eval.metrics import get_winrate
 
-    both = [r for r in rows if r["instruction"] in prefs_b and r["instruction"] in prefs_t]
-    base = np.array([prefs_b[r["instruction"]] - 1 for r in both]) * 100
-    tuned = np.array([prefs_t[r["instruction"]] - 1 for r in both]) * 100
-    wb = get_winrate([{"preference": p} for p in prefs_b.values()])
-    wt = get_winrate([{"preference": p} for p in prefs_t.values()])
-    row = stats.row(base, tuned, True, e.bootstrap_samples, e.seed, judge=judge.name, parse_failures=failures, **extra)
-    # the benchmark's own numbers (all parsed annotations of each side; the CI pairs the shared ones)
-    row.update(base=float(wb["win_rate"]), tuned=float(wt["win_rate"]), delta=float(wt["win_rate"] - wb["win_rate"]),
+    def row(keep, **extra) -> dict:
+        both = [r for r in rows if keep(r) and r["instruction"] in prefs_b and r["instruction"] in prefs_t]
+        base = np.array([prefs_b[r["instruction"]] - 1 for r in both]) * 100
+        tuned = np.array([prefs_t[r["instruction"]] - 1 for r in both]) * 100
+        own = {side: [(p[r["instruction"]] - 1) * 100 for r in rows if keep(r) and r["instruction"] in p]
+               for side, p in (("base", prefs_b), ("tuned", prefs_t))}
+        return stats.own_scores(stats.row(base, tuned, True, e.bootstrap_samples, e.seed, **extra),
+                                own["base"], own["tuned"], e.bootstrap_samples, e.seed)
+
+    win = row(lambda r: True, judge=judge.name, parse_failures=failures, **extra)
+    # the benchmark's own numbers (the mean preference, as above) and its standard errors
+    wb, wt = (get_winrate([{"preference": p} for p in prefs.values()]) for prefs in (prefs_b, prefs_t))
+    win.update(base=float(wb["win_rate"]), tuned=float(wt["win_rate"]), delta=float(wt["win_rate"] - wb["win_rate"]),
                standard_error={"base": float(wb["standard_error"]), "tuned": float(wt["standard_error"])})
-    cats = [r["category"] for r in both]
-    return row, stats.per_category(cats, base, tuned, True, e.bootstrap_samples, e.seed, "alpaca_eval_win_rate")
+    paired = {r["category"] for r in rows if r["instruction"] in prefs_b and r["instruction"] in prefs_t}
+    return win, {f"alpaca_eval_win_rate/{cat}": row(lambda r, cat=cat: r["category"] == cat) for cat in sorted(paired)}
 
 
 def _lc_row(rows, annotated: dict[str, list[dict]], e) -> dict:
     """Length-controlled win rate: alpaca_eval's GLM, which needs all 805 instructions and two files from the hub."""
     if len(rows) < ALL:
-        return stats.skipped(f"needs all {ALL} instructions (evaluate.alpaca_eval_rows: null): the GLM uses "
-                             "per-instruction difficulties")
+        return stats.skipped(f"needs all {ALL} instructions (evaluate.alpaca_eval_rows: null; the GLM uses "
+                             f"per-instruction difficulties) and {HUB_FILES}")
     import pandas as pd
     from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
 
@@ -106,9 +117,8 @@ def _lc_row(rows, annotated: dict[str, list[dict]], e) -> dict:
             get_length_controlled_winrate(df, save_weights_dir=None, is_warn_extreme_changes=False)
             glm[side] = df["glm_preference"].to_numpy() * 100
     except Exception as ex:  # the GLM downloads df_gamed.csv + instruction_difficulty.csv from the hub
-        return stats.skipped(f"alpaca_eval's length-controlled GLM could not run (it fetches df_gamed.csv and "
-                             f"instruction_difficulty.csv from the hub dataset tatsu-lab/alpaca_eval): "
-                             f"{type(ex).__name__}: {str(ex)[:200]}")
+        return stats.skipped(f"alpaca_eval's length-controlled GLM could not run: it needs {HUB_FILES} "
+                             f"({type(ex).__name__}: {str(ex)[:200]})")
     return stats.row(glm["base"], glm["tuned"], True, e.bootstrap_samples, e.seed,
                      description="length-controlled win rate vs GPT-4-turbo (alpaca_eval GLM)")
 
@@ -123,20 +133,52 @@ def run(c: cands.Candidates, judge: judges.Judge) -> dict:
                   "dataset": r["category"]} for r in rows]
     outputs = {}
     for side in cands.SIDES:
-        answers = cands.generate(c, side, convs, "AlpacaEval answers")
-        outputs[side] = [{"instruction": r["instruction"], "output": a, "generator": f"llmft-{side}",
-                          "dataset": r["category"]} for r, a in zip(rows, answers)]
-        write_json(outputs_dir(c.cfg) / f"alpaca_eval_{side}.json", outputs[side])  # alpaca_eval's model_outputs
+        saved = c.saved.get(("alpaca_eval", side))
+        if saved is not None:
+            answers = [saved[r["instruction"]]["output"] for r in rows]
+            generators = [saved[r["instruction"]]["generator"] for r in rows]
+        else:
+            answers = cands.generate(c, side, convs, "AlpacaEval answers")
+            generators = [f"llmft-{side}"] * len(rows)
+        outputs[side] = [{"instruction": r["instruction"], "output": a, "generator": g, "dataset": r["category"]}
+                         for r, a, g in zip(rows, answers, generators)]
+        path = outputs_dir(c.cfg) / f"alpaca_eval_{side}.json"
+        source = getattr(e.outputs, side).alpaca_eval
+        if source is None or not same_file(Path(source), path):  # judging a file in place must not rewrite it
+            write_json(path, outputs[side])  # alpaca_eval's model_outputs
 
-    ann = annotator(e.alpaca_eval_annotator, judge, e.seed)
-    prefs, annotated = {}, {}
-    for side in cands.SIDES:
-        prefs[side], annotated[side] = _preferences(ann, reference, outputs[side])
-    h2h, annotated["tuned_vs_base"] = _preferences(ann, outputs["base"], outputs["tuned"])
-    for name, a in annotated.items():
-        write_jsonl(outputs_dir(c.cfg) / f"alpaca_eval_annotations_{name}.jsonl", a)
+    # each repeat is a full annotation (alpaca_eval's seeded output order is the same, the judge is asked again)
+    runs = []
+    for repeat in range(judge.cfg.repeats):
+        ann = annotator(e.alpaca_eval_annotator, judge, e.seed, repeat)
+        prefs, annotated = {}, {}
+        for side in cands.SIDES:
+            prefs[side], annotated[side] = _preferences(ann, reference, outputs[side])
+        prefs["tuned_vs_base"], annotated["tuned_vs_base"] = _preferences(ann, outputs["base"], outputs["tuned"])
+        runs.append((prefs, annotated))
+        for name, a in annotated.items():
+            suffix = f"_repeat{repeat}" if repeat else ""
+            write_jsonl(outputs_dir(c.cfg) / f"alpaca_eval_annotations_{name}{suffix}.jsonl", a)
+
+    per_repeat = [_rows(rows, prefs, annotated, e, judge) for prefs, annotated in runs]
+    if len(runs) == 1:
+        return per_repeat[0]
+    # the pooled rows: each instruction's median preference over the repeats that parsed it
+    median, annotated = {}, {}
+    for name in runs[0][0]:
+        parsed = {}
+        for prefs, _ in runs:
+            for instruction, p in prefs[name].items():
+                parsed.setdefault(instruction, []).append(p)
+        median[name] = {k: float(np.median(v)) for k, v in parsed.items()}
+        annotated[name] = [{**a, "preference": median[name].get(a["instruction"])} for a in runs[0][1][name]]
+    pooled = _rows(rows, median, annotated, e, judge)
+    return stats.over_repeats(pooled, per_repeat)
+
+
+def _rows(rows: list[dict], prefs: dict, annotated: dict, e, judge) -> dict:
+    """The AlpacaEval rows from {side or tuned_vs_base: {instruction: preference}} of one annotation."""
     failures = {side: len(rows) - len(prefs[side]) for side in cands.SIDES}
-
     if not prefs["base"] or not prefs["tuned"]:
         return {"alpaca_eval": stats.error(f"no judgment could be parsed (parse failures: {failures})",
                                            judge=judge.name, parse_failures=failures)}
@@ -145,6 +187,7 @@ def run(c: cands.Candidates, judge: judges.Judge) -> dict:
     out = {"alpaca_eval_win_rate": win, **per_dataset, "alpaca_eval_lc_win_rate": _lc_row(rows, annotated, e)}
 
     # tuned vs base directly: 50 is a tie by construction, so the base column is 50
+    h2h = prefs["tuned_vs_base"]
     scores = np.array([h2h[r["instruction"]] - 1 for r in rows if r["instruction"] in h2h]) * 100
     if len(scores):
         out["alpaca_eval_tuned_vs_base"] = stats.row(np.full_like(scores, 50.0), scores, True, e.bootstrap_samples,

@@ -4,12 +4,14 @@ In process, the base model is loaded once and the adapter is loaded on top of it
 the adapter disabled (peft's `disable_adapter()`), so both sides share one copy of the weights, one
 tokenizer, one prompt template and one set of generation settings. With `evaluate.candidate_endpoint`
 the tuned side's answers come from an `mlflow models serve` endpoint, which applies the template itself.
+With `evaluate.outputs`, a judged benchmark's side comes from answers on disk (saved.py); when nothing left
+to run needs the weights, none are loaded.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,11 +27,13 @@ Conversation = tuple[list[tuple[str, Optional[str]]], str]
 @dataclass
 class Candidates:
     cfg: Config
-    model: Any  # PeftModel (adapter on) or the plain base model
+    model: Any  # PeftModel (adapter on), the plain base model, or None when no benchmark needs weights
     tok: Any
-    base_path: str
+    base_path: Optional[str]  # None: not loaded
     adapter: Optional[str]  # None: no adapter on disk, only the base can be scored in process
     endpoint: Optional[str]
+    saved: dict = field(default_factory=dict)
+    """{(benchmark, side): answers} read from evaluate.outputs (saved.load)."""
 
 
 def adapter_dir(cfg: Config) -> Optional[str]:
@@ -37,17 +41,43 @@ def adapter_dir(cfg: Config) -> Optional[str]:
     return str(d) if (d / "adapter_config.json").exists() else None
 
 
+def _in_process(cfg: Config, saved: dict, side: str) -> bool:
+    """Whether some configured benchmark needs this side's model here (not its saved answers, not the endpoint)."""
+    from .saved import BENCHMARKS as FROM_FILES
+
+    e = cfg.evaluate
+    served = side == "tuned" and e.candidate_endpoint is not None
+    return any(b not in FROM_FILES or ((b, side) not in saved and not served) for b in e.benchmarks)
+
+
 def load(cfg: Config) -> Candidates:
     from .. import generate, models
+    from . import saved as saved_outputs
 
-    base = models.resolve_base(cfg)
+    saved = saved_outputs.load(cfg)  # a bad file fails now, before a model is loaded or an answer generated
     adapter = adapter_dir(cfg)
     endpoint = cfg.evaluate.candidate_endpoint
-    if adapter is None and endpoint is None:
+    base_needed, tuned_needed = (_in_process(cfg, saved, side) for side in SIDES)
+    if tuned_needed and adapter is None and endpoint is None:
         raise LlmftError(f"no adapter at {cfg.paths.adapter} (paths.adapter): run `llmft train` first, "
                          "or set evaluate.candidate_endpoint to evaluate a served model")
+    if not (base_needed or tuned_needed):  # every side of every benchmark is answered by a file
+        return Candidates(cfg=cfg, model=None, tok=None, base_path=None, adapter=adapter, endpoint=endpoint, saved=saved)
+    base = models.resolve_base(cfg)
     model, tok = generate.load(base, adapter, **models.load_kwargs(cfg))
-    return Candidates(cfg=cfg, model=model, tok=tok, base_path=base, adapter=adapter, endpoint=endpoint)
+    return Candidates(cfg=cfg, model=model, tok=tok, base_path=base, adapter=adapter, endpoint=endpoint, saved=saved)
+
+
+def describe(c: Candidates, side: str) -> str:
+    """Where this side's answers come from, for the log, table.md and meta.json."""
+    from .saved import configured
+
+    if side == "base":
+        model = c.base_path or "not loaded"
+    else:
+        model = f"endpoint {c.endpoint}" if c.endpoint else f"adapter {c.adapter}" if c.adapter else "no adapter"
+    files = [f"{b} answers from {p}" for (b, s), p in configured(c.cfg).items() if s == side]
+    return "; ".join([model, *files])
 
 
 def unload(c: Candidates) -> None:

@@ -1,12 +1,21 @@
 """LLM judge client: OpenAI or any OpenAI-compatible server, with retries, bounded concurrency and a disk cache.
 
-Retries are the openai client's own (exponential backoff with jitter on timeouts, connection errors, 408,
-409, 429 and 5xx, honouring Retry-After). Every judgment is written to the cache as soon as it arrives,
-one file per key, so a rerun pays nothing twice and a killed run resumes where it stopped. The API key is
-read from the environment at call time and is never logged, cached or returned.
+Retries on the wire are the openai client's own (exponential backoff with jitter on timeouts, connection
+errors, 408, 409, 429 and 5xx, honouring Retry-After). Two faults it does not retry are ours to handle: a
+200 whose body is not a chat completion (malformed JSON, no choices) and a completion whose message is empty.
+Neither is a judgment, so each is asked again, up to `max_retries` times; if every answer is still malformed
+or empty, the judgment is given up: it reads as empty, which the benchmark's parser counts as a parse
+failure, and it is not cached, so a rerun asks again.
+
+Every HTTP attempt is counted by a transport under the openai client (its retries happen inside it), so the
+run reports requests, retries and failures by kind (`timeout`, `connection`, `http_<status>`,
+`malformed_body`, `empty_message`) next to its results. Every judgment is written to the cache as soon as it
+arrives, one file per key, so a rerun pays nothing twice and a killed run resumes where it stopped. The API
+key is read from the environment at call time and is never logged, cached or returned.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,8 +36,15 @@ class Judge:
     cfg: JudgeConfig
     client: Any
     cache_dir: Path
-    counts: Counter = field(default_factory=Counter)  # requests (HTTP calls that returned), cached
+    counts: Counter = field(default_factory=Counter)
+    """requests (HTTP attempts, retries included), asked (judgments not in the cache), judgments (received and
+    cached), cached (answered from the cache), given_up (malformed or empty every time)."""
+    failures: Counter = field(default_factory=Counter)  # failed HTTP attempts and answers, by kind
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, key: str, failure: bool = False) -> None:
+        with self.lock:
+            (self.failures if failure else self.counts)[key] += 1
 
     @property
     def url(self) -> str:
@@ -51,13 +67,61 @@ def make(cfg: JudgeConfig, cache_dir: str | Path) -> Optional[Judge]:
             raise LlmftError(f"judge {cfg.model} on OpenAI needs an API key in the environment variable "
                              f"{cfg.api_key_env} (evaluate.judge.api_key_env), which is not set")
         key = "EMPTY"  # local OpenAI-compatible servers (vLLM, ...) accept any key
-    client = OpenAI(base_url=cfg.base_url, api_key=key, max_retries=cfg.max_retries, timeout=cfg.timeout_s)
-    return Judge(cfg=cfg, client=client, cache_dir=Path(cache_dir))
+    judge = Judge(cfg=cfg, client=None, cache_dir=Path(cache_dir))
+    judge.client = OpenAI(base_url=cfg.base_url, api_key=key, max_retries=cfg.max_retries, timeout=cfg.timeout_s,
+                          http_client=_counting_http_client(judge))
+    return judge
 
 
-def cache_key(judge: Judge, messages: list[dict], params: dict) -> str:
-    blob = json.dumps({"model": judge.cfg.model, "base_url": judge.url, "messages": messages, "params": params},
-                      sort_keys=True, ensure_ascii=False)
+def _counting_http_client(judge: Judge):
+    """The openai client's own httpx2 client (its defaults), over a transport that counts every attempt."""
+    import httpx2
+    from openai import DEFAULT_CONNECTION_LIMITS, DefaultHttpx2Client
+
+    class Counting(httpx2.BaseTransport):
+        def __init__(self):
+            self.inner = httpx2.HTTPTransport(limits=DEFAULT_CONNECTION_LIMITS)  # a given transport ignores the client's
+
+        def handle_request(self, request):
+            judge.count("requests")
+            try:
+                response = self.inner.handle_request(request)
+            except httpx2.TimeoutException:
+                judge.count("timeout", failure=True)
+                raise
+            except httpx2.TransportError:
+                judge.count("connection", failure=True)
+                raise
+            if response.status_code >= 400:
+                judge.count(f"http_{response.status_code}", failure=True)
+            return response
+
+        def close(self):
+            self.inner.close()
+
+    return DefaultHttpx2Client(transport=Counting())
+
+
+def summary(judge: Judge) -> dict:
+    """What the judge cost and suffered: the counts, retries (every attempt after a judgment's first) and
+    failures by kind, for meta.json, table.md and the summary line."""
+    c = judge.counts
+    return {"requests": c["requests"], "retries": max(0, c["requests"] - c["asked"]), "judgments": c["judgments"],
+            "cached": c["cached"], "given_up": c["given_up"], "failures": dict(sorted(judge.failures.items()))}
+
+
+def describe_summary(s: dict) -> str:
+    failures = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"
+    return (f"{s['requests']} requests ({s['retries']} retries; failures: {failures}), {s['judgments']} new "
+            f"judgments, {s['cached']} cached" + (f", {s['given_up']} given up" if s["given_up"] else ""))
+
+
+def cache_key(judge: Judge, messages: list[dict], params: dict, repeat: int = 0) -> str:
+    """Repeat 0 is the plain request (caches from before repeats existed stay valid); repeat k > 0 its own key."""
+    record = {"model": judge.cfg.model, "base_url": judge.url, "messages": messages, "params": params}
+    if repeat:
+        record["repeat"] = repeat
+    blob = json.dumps(record, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -79,22 +143,39 @@ def _write_cache(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def chat(judge: Judge, messages: list[dict], **params) -> dict:
-    """One judgment: the first choice as a dict (`message.content`, and `logprobs` when asked for)."""
-    key = cache_key(judge, messages, params)
+GIVEN_UP = {"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None, "given_up": True}
+
+
+def chat(judge: Judge, messages: list[dict], repeat: int = 0, **params) -> dict:
+    """One judgment: the first choice as a dict (`message.content`, and `logprobs` when asked for).
+
+    repeat: which of the evaluate.judge.repeats askings this is (each has its own cache entry)."""
+    key = cache_key(judge, messages, params, repeat)
     path = _cache_path(judge, key)
     cached = _read_cache(path)
     if cached is not None:
-        with judge.lock:
-            judge.counts["cached"] += 1
+        judge.count("cached")
         return cached
-    resp = judge.client.chat.completions.create(model=judge.cfg.model, messages=messages, **params)
-    choice = resp.choices[0].model_dump()
-    with judge.lock:
-        judge.counts["requests"] += 1
-    _write_cache(path, {"model": judge.cfg.model, "base_url": judge.url, "params": params, "messages": messages,
-                        "response": choice})
-    return choice
+    judge.count("asked")
+    for _ in range(judge.cfg.max_retries + 1):
+        try:
+            resp = judge.client.chat.completions.create(model=judge.cfg.model, messages=messages, **params)
+        except ValueError:  # a 200 whose body is not JSON (json.JSONDecodeError)
+            judge.count("malformed_body", failure=True)
+            continue
+        if not getattr(resp, "choices", None):  # JSON, but not a chat completion
+            judge.count("malformed_body", failure=True)
+            continue
+        choice = resp.choices[0].model_dump()
+        if not content(choice):
+            judge.count("empty_message", failure=True)
+            continue
+        judge.count("judgments")
+        _write_cache(path, {"model": judge.cfg.model, "base_url": judge.url, "params": params, "messages": messages,
+                            **({"repeat": repeat} if repeat else {}), "response": choice})
+        return choice
+    judge.count("given_up")
+    return copy.deepcopy(GIVEN_UP)
 
 
 def _describe_failure(judge: Judge, e: Exception) -> str:
@@ -111,7 +192,8 @@ def _describe_failure(judge: Judge, e: Exception) -> str:
     return f"judge {judge.name} {what}"
 
 
-def chat_many(judge: Judge, requests: list[tuple[list[dict], dict]], desc: str = "judging") -> list[dict]:
+def chat_many(judge: Judge, requests: list[tuple[list[dict], dict]], desc: str = "judging",
+              repeat: int = 0) -> list[dict]:
     """Judgments for many (messages, params) requests, `max_concurrency` at a time, in request order.
 
     The first request that still fails after the client's retries stops the rest and raises LlmftError
@@ -122,8 +204,10 @@ def chat_many(judge: Judge, requests: list[tuple[list[dict], dict]], desc: str =
     pool = ThreadPoolExecutor(max_workers=max(1, judge.cfg.max_concurrency))
     failed = []
     try:
-        with tqdm(total=len(requests), desc=f"{desc} ({judge.cfg.model})", unit="judgment") as bar:
-            futures = [pool.submit(chat, judge, messages, **params) for messages, params in requests]
+        n = judge.cfg.repeats
+        what = f"{desc} ({judge.cfg.model}" + (f", repeat {repeat + 1}/{n})" if n > 1 else ")")
+        with tqdm(total=len(requests), desc=what, unit="judgment") as bar:
+            futures = [pool.submit(chat, judge, messages, repeat, **params) for messages, params in requests]
             for f in futures:
                 f.add_done_callback(lambda _f: bar.update(1))
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -133,7 +217,7 @@ def chat_many(judge: Judge, requests: list[tuple[list[dict], dict]], desc: str =
         pool.shutdown(wait=not failed, cancel_futures=True)
     if failed:
         e = failed[0].exception()
-        raise LlmftError(f"{_describe_failure(judge, e)}; {judge.counts['requests']} new judgments are cached "
+        raise LlmftError(f"{_describe_failure(judge, e)}; {judge.counts['judgments']} new judgments are cached "
                          f"in {judge.cache_dir}, a rerun resumes from there") from e
     out = [f.result() for f in futures]
     return out

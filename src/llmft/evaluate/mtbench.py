@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 import numpy as np
 
 from . import candidates as cands
 from . import judges, sources, stats
 from .report import outputs_dir, write_jsonl
-
+from .saved import same_file
 
 
 def parse_rating(judgment: str) -> float:
@@ -61,37 +62,79 @@ def run(c: cands.Candidates, judge: judges.Judge) -> dict:
     if mt is None:
         return {"mt_bench": stats.skipped(why)}
     questions = mt["questions"]
-    answers = {side: answer_two_turns(c, side, questions) for side in cands.SIDES}
+    answers = {}
     for side in cands.SIDES:
-        write_jsonl(outputs_dir(c.cfg) / f"mt_bench_{side}.jsonl",
-                    [{"question_id": q["question_id"], "model_id": side, "category": q["category"],
-                      "choices": [{"index": 0, "turns": a}]} for q, a in zip(questions, answers[side])])
+        saved = c.saved.get(("mt_bench", side))
+        answers[side] = ([saved[q["question_id"]] for q in questions] if saved is not None
+                         else answer_two_turns(c, side, questions))
+        path = outputs_dir(c.cfg) / f"mt_bench_{side}.jsonl"
+        source = getattr(e.outputs, side).mt_bench
+        if source is None or not same_file(Path(source), path):  # judging a file in place must not rewrite it
+            write_jsonl(path, [{"question_id": q["question_id"], "model_id": side, "category": q["category"],
+                                "choices": [{"index": 0, "turns": a}]} for q, a in zip(questions, answers[side])])
 
     keys = [(side, i, turn) for side in cands.SIDES for i in range(len(questions)) for turn in (1, 2)]
     requests = [judge_request(questions[i], answers[side][i], turn, mt["prompts"],
                               mt["references"].get(questions[i]["question_id"]), judge.cfg.max_tokens)
                 for side, i, turn in keys]
-    choices = judges.chat_many(judge, requests, "MT-Bench judging")
-    ratings = {k: parse_rating(judges.content(ch)) for k, ch in zip(keys, choices)}
-    write_jsonl(outputs_dir(c.cfg) / "mt_bench_judgments.jsonl",
-                [{"question_id": questions[i]["question_id"], "model": side, "turn": turn,
-                  "score": ratings[(side, i, turn)], "judgment": judges.content(ch)}
-                 for (side, i, turn), ch in zip(keys, choices)])
-    failures = {side: sum(ratings[k] == -1 for k in keys if k[0] == side) for side in cands.SIDES}
+    ratings, judgments = [], []
+    for repeat in range(judge.cfg.repeats):  # one after another: repeat k sees the judge after repeat k-1
+        choices = judges.chat_many(judge, requests, "MT-Bench judging", repeat=repeat)
+        ratings.append({k: parse_rating(judges.content(ch)) for k, ch in zip(keys, choices)})
+        # FastChat's model_judgment fields that show_result reads (model, turn, score), plus the repeat
+        judgments += [{"question_id": questions[i]["question_id"], "model": side, "turn": turn, "repeat": repeat,
+                       "score": ratings[-1][(side, i, turn)], "judgment": judges.content(ch)}
+                      for (side, i, turn), ch in zip(keys, choices)]
+    write_jsonl(outputs_dir(c.cfg) / "mt_bench_judgments.jsonl", judgments)
+    return scores(questions, ratings, e.bootstrap_samples, e.seed, judge.name)
 
-    # pairs (question, turn) that both sides' judgments could be parsed for
-    pairs = [(i, t) for i in range(len(questions)) for t in (1, 2)
-             if ratings[("base", i, t)] != -1 and ratings[("tuned", i, t)] != -1]
+
+def scores(questions: list[dict], ratings: list[dict], samples: int, seed: int, judge: str) -> dict:
+    """The mt_bench_score rows from one {(side, question index, turn): rating} per repeat (-1: unparsed).
+
+    Each side's score is its FastChat score: show_result drops the score -1 rows per model and averages the rest
+    (turn 1, turn 2, and both turns together for the overall score). The delta's CI pairs the (question, turn)s
+    parsed on both sides. Over several repeats, base and tuned are the median of the repeats' scores, and the CI
+    pairs each judgment's median over the repeats that parsed it."""
+    per_repeat = [_rows(questions, r, samples, seed, judge) for r in ratings]
+    if len(ratings) == 1:
+        return per_repeat[0]
+    median = {}
+    for k in ratings[0]:
+        parsed = [r[k] for r in ratings if r[k] != -1]
+        median[k] = float(np.median(parsed)) if parsed else -1
+    pooled = _rows(questions, median, samples, seed, judge)
+    if "status" in pooled.get("mt_bench", {}):
+        return pooled
+    return stats.over_repeats(pooled, per_repeat)
+
+
+def _rows(questions: list[dict], ratings: dict, samples: int, seed: int, judge: str) -> dict:
+    failures = {side: sum(v == -1 for (s, _, _), v in ratings.items() if s == side) for side in cands.SIDES}
+    scored = {side: [(i, t) for (s, i, t), v in ratings.items() if s == side and v != -1] for side in cands.SIDES}
+    # (question, turn) pairs parsed on both sides: what the paired CI resamples
+    tuned_scored = set(scored["tuned"])
+    pairs = [k for k in scored["base"] if k in tuned_scored]
     if not pairs:
-        return {"mt_bench": stats.error(f"no judgment could be parsed (parse failures: {failures})",
-                                        judge=judge.name, parse_failures=failures)}
-    base = np.array([ratings[("base", i, t)] for i, t in pairs], dtype=float)
-    tuned = np.array([ratings[("tuned", i, t)] for i, t in pairs], dtype=float)
-    turns = np.array([f"turn_{t}" for _, t in pairs], dtype=object)
-    cats = np.array([questions[i]["category"] for i, _ in pairs], dtype=object)
-    b, s = e.bootstrap_samples, e.seed
-    out = {"mt_bench_score": stats.row(base, tuned, True, b, s, judge=judge.name, parse_failures=failures,
-                                       description="MT-Bench single-answer grade 1-10, both turns")}
-    out.update(stats.per_category(turns, base, tuned, True, b, s, "mt_bench_score"))
-    out.update(stats.per_category(cats, base, tuned, True, b, s, "mt_bench_score"))
+        unparsed = [side for side in cands.SIDES if not scored[side]] or ["any (question, turn) on both sides"]
+        return {"mt_bench": stats.error(f"no judgment could be parsed for {' or '.join(unparsed)} "
+                                        f"(parse failures: {failures})", judge=judge, parse_failures=failures)}
+
+    def row(keep, **extra) -> dict:
+        paired = [k for k in pairs if keep(*k)]
+        base = np.array([ratings[("base", *k)] for k in paired], dtype=float)
+        tuned = np.array([ratings[("tuned", *k)] for k in paired], dtype=float)
+        own = {side: [ratings[(side, *k)] for k in scored[side] if keep(*k)] for side in cands.SIDES}
+        return stats.own_scores(stats.row(base, tuned, True, samples, seed, **extra), own["base"], own["tuned"],
+                                samples, seed)
+
+    out = {"mt_bench_score": row(lambda i, t: True, judge=judge, parse_failures=failures,
+                                 description="MT-Bench single-answer grade 1-10, both turns (FastChat's score per "
+                                             "side; the CI pairs the judgments parsed on both)")}
+    groups = {f"turn_{t}": (lambda i, t, want=t: t == want) for t in (1, 2)}
+    groups.update({cat: (lambda i, t, want=cat: questions[i]["category"] == want)
+                   for cat in sorted({q["category"] for q in questions})})
+    for name, keep in groups.items():
+        if any(keep(*k) for k in pairs):  # as before: a group with no paired judgment has no CI, so no row
+            out[f"mt_bench_score/{name}"] = row(keep)
     return out

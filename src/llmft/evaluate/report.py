@@ -47,11 +47,12 @@ def verdict(r: dict) -> str:
     lo, hi = r["ci95"]
     if lo <= 0 <= hi:
         return "ns"
-    better = r["delta"] > 0 if r["higher_is_better"] else r["delta"] < 0
+    d = r.get("delta_paired", r["delta"])  # the delta the CI is of (judged rows: the examples both sides have)
+    better = d > 0 if r["higher_is_better"] else d < 0
     return "better" if better else "worse"
 
 
-def markdown(table: dict, header: str = "") -> str:
+def markdown(table: dict, header: str = "", footer: list[str] = ()) -> str:
     lines = [header, "", "| metric | base | tuned | delta | 95% CI of delta | n | verdict |",
              "|---|---|---|---|---|---|---|"]
     for name, r in table.items():
@@ -67,6 +68,13 @@ def markdown(table: dict, header: str = "") -> str:
     failures = [(n, r["parse_failures"]) for n, r in table.items() if is_result(r) and "parse_failures" in r]
     if failures:
         lines += ["", "Judge parse failures: " + "; ".join(f"{n}: {f}" for n, f in failures)]
+    spread = [(n, r["repeats"]) for n, r in table.items() if is_result(r) and "repeats" in r and "/" not in n]
+    if spread:
+        lines += ["", "Judge repeats (base / tuned are medians): " + "; ".join(
+            f"{n}: {s['n']} repeats, base {fmt(s['base']['min'])}–{fmt(s['base']['max'])}, tuned "
+            f"{fmt(s['tuned']['min'])}–{fmt(s['tuned']['max'])}" for n, s in spread)]
+    for line in footer:
+        lines += ["", line]
     return "\n".join(lines) + "\n"
 
 
@@ -97,8 +105,9 @@ def plots(table: dict, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), dpi=110, squeeze=False)
         for ax, (name, r) in zip(axes.flat, top):
             vals = [r["base"], r["tuned"]]
-            err = [[v - ci[0] for v, ci in zip(vals, (r["ci95_base"], r["ci95_tuned"]))],
-                   [ci[1] - v for v, ci in zip(vals, (r["ci95_base"], r["ci95_tuned"]))]]
+            # clamped: a median over judge repeats may sit just outside the pooled CI
+            err = [[max(0.0, v - ci[0]) for v, ci in zip(vals, (r["ci95_base"], r["ci95_tuned"]))],
+                   [max(0.0, ci[1] - v) for v, ci in zip(vals, (r["ci95_base"], r["ci95_tuned"]))]]
             ax.bar(["base", "tuned"], vals, yerr=err, capsize=4, color=["tab:gray", "tab:blue"])
             arrow = "↑" if r["higher_is_better"] else "↓"
             ax.set_title(f"{name} {arrow}", fontsize=9)
@@ -113,11 +122,13 @@ def plots(table: dict, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(len(top), 1, figsize=(7, 0.55 * len(top) + 0.8), dpi=110, squeeze=False)
         for ax, (name, r) in zip(axes[:, 0], top):
             lo, hi = r["ci95"]
-            good = (r["delta"] > 0) == r["higher_is_better"]
+            # the CI is of the paired delta (judged rows: the examples both sides have), so that is the point
+            d = r.get("delta_paired", r["delta"])
+            good = (d > 0) == r["higher_is_better"]
             color = "tab:gray" if lo <= 0 <= hi else ("tab:green" if good else "tab:red")
-            ax.errorbar([r["delta"]], [0], xerr=[[r["delta"] - lo], [hi - r["delta"]]], fmt="o", color=color, capsize=3)
+            ax.errorbar([d], [0], xerr=[[max(0.0, d - lo)], [max(0.0, hi - d)]], fmt="o", color=color, capsize=3)
             ax.axvline(0, color="black", lw=0.8)
-            span = max(abs(lo), abs(hi), abs(r["delta"])) * 1.3 or 1.0
+            span = max(abs(lo), abs(hi), abs(d)) * 1.3 or 1.0
             ax.set_xlim(-span, span)
             ax.set_yticks([0], [name], fontsize=8)
             ax.tick_params(axis="x", labelsize=7)

@@ -60,6 +60,44 @@ def row(base, tuned, higher_is_better: bool, cfg_samples: int, seed: int, stat: 
     return out
 
 
+def mean_ci(x, samples: int = 1000, seed: int = 42) -> tuple[float, list[float]]:
+    """The mean of one side's scores and its percentile bootstrap 95% CI."""
+    x = np.asarray(x, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(samples, len(x)))
+    lo, hi = np.percentile(x[idx].mean(axis=1), [2.5, 97.5])
+    return float(x.mean()), [float(lo), float(hi)]
+
+
+def own_scores(row: dict, base_own, tuned_own, samples: int, seed: int) -> dict:
+    """A paired row whose base and tuned are each side's own score, the mean over every example that side has a
+    score for, as the benchmark's own tool reports it (FastChat's show_result drops a model's unparsed ratings,
+    not its rival's). The CI stays the paired one, of `delta_paired` over the `n_paired` (= n) examples both
+    sides have; `n_scored` is how many examples each side's own score averages."""
+    (b, ci_b), (t, ci_t) = mean_ci(base_own, samples, seed), mean_ci(tuned_own, samples, seed)
+    return {**row, "base": b, "tuned": t, "delta": t - b, "ci95_base": ci_b, "ci95_tuned": ci_t,
+            "delta_paired": row["delta"], "n_paired": row["n"],
+            "n_scored": {"base": len(base_own), "tuned": len(tuned_own)}}
+
+
+def over_repeats(pooled: dict[str, dict], per_repeat: list[dict[str, dict]]) -> dict[str, dict]:
+    """Rows of a benchmark judged len(per_repeat) times. Each result row's base and tuned become the median over
+    the repeats of that repeat's own score (MT-Bench's maintainers advise the median of several runs), and
+    `repeats` holds every repeat's base, tuned and delta with their min and max. The CI, n and per-side CIs are
+    the pooled row's: the paired bootstrap over per-example medians across the repeats."""
+    out = {}
+    for name, row in pooled.items():
+        runs = [rows[name] for rows in per_repeat if "status" not in rows.get(name, {"status": None})]
+        if "status" in row or not runs:
+            out[name] = row
+            continue
+        values = {k: [float(r[k]) for r in runs] for k in ("base", "tuned", "delta")}
+        base, tuned = float(np.median(values["base"])), float(np.median(values["tuned"]))
+        out[name] = {**row, "base": base, "tuned": tuned, "delta": tuned - base,
+                     "repeats": {"n": len(per_repeat), "with_result": len(runs),
+                                 **{k: {"values": v, "min": min(v), "max": max(v)} for k, v in values.items()}}}
+    return out
+
+
 def skipped(reason: str, **extra) -> dict:
     return {"status": "skipped", "reason": reason, **extra}
 
