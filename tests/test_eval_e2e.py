@@ -166,10 +166,11 @@ def test_outputs_report_plots_and_mlflow(full_run):
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(Path(p.run_id).read_text().strip())
     m = run.data.metrics
-    assert m["eval.test_loss.tuned"] == pytest.approx(table["test_loss"]["tuned"])
-    assert m["eval.test_loss.delta"] == pytest.approx(table["test_loss"]["delta"])
+    assert m["eval/test_loss.tuned"] == pytest.approx(table["test_loss"]["tuned"])
+    assert m["eval/test_loss.delta"] == pytest.approx(table["test_loss"]["delta"])
     # per-category rows are not one-point charts in the metrics tab: they are in the logged table
-    assert not any("/" in k for k in m) and "eval.mt_bench_score.base" in m
+    assert not any(k.count("/") > 1 for k in m) and "eval/mt_bench_score.base" in m
+    assert {k.rsplit(".", 1)[1] for k in m if k.startswith("eval/")} == {"base", "tuned", "delta"}
     assert run.data.tags["eval.lm_eval_arc_challenge.status"].startswith("skipped")
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/table.json", "eval/table.md", "eval/mt_bench_radar.png", "eval/table_rows.json"} <= arts

@@ -115,7 +115,7 @@ def write_records(root: Path, store: str):
                          "dvc.md5.data/processed": "d41d8cd98f00b204e9800998ecf8427e.dir", "cpu": "Test CPU 9000",
                          "cpu_count": "2", "ram_gb": "7.8", "gpu": "none", "python": "3.11.7",
                          "platform": "Linux-6.1-x86_64", "version.torch": "2.13.0", "version.peft": "0.21.2"})
-        mlflow.log_metric("final.train_loss", train_pts[-1][1])
+        mlflow.log_metric("final/train_loss", train_pts[-1][1])
     tracking.write_json(cfg.paths.register_metrics, {
         "model_name": "llmft", "version": 3, "alias": "champion", "promoted": True, "decision": "promoted",
         "reason": "better", "metric": "test_loss.tuned", "direction": "minimize", "candidate": 1.7, "champion": 1.9,

@@ -30,7 +30,9 @@ def setup(cfg: TrackingConfig) -> str:
     if cfg.uri.startswith(("sqlite:", "file:")) or "://" not in cfg.uri:
         location = Path(cfg.artifact_location).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        # the UI opens a "custom model development" experiment in its Model training view (runs, not traces)
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # another process (a tune worker) created it first
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is None:

@@ -473,7 +473,8 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
             tracking.write_json(Path(last) / FINAL, metrics)
     tracking.write_json(paths.train_metrics, metrics)
-    mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    # "final/...": one section of the UI's charts (a "/" prefix groups them), apart from the loss curves
+    mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     mlflow.log_artifacts(str(out), "adapter")
     mlflow.log_artifacts(paths.train_plots, "plots")
     mlflow.log_artifact(paths.train_metrics, "metrics")

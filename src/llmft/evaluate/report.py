@@ -164,7 +164,7 @@ def _key(text: str) -> str:
 
 
 def log_mlflow(cfg, table: dict, artifacts: list[Path]) -> bool:
-    """Summary metrics eval.<metric>.{base,tuned,delta} for the top-level rows only (the run's metrics tab stays
+    """Summary metrics eval/<metric>.{base,tuned,delta} for the top-level rows only (the run's metrics tab stays
     readable); CIs, per-category rows, skip reasons and files go in as artifacts under eval/ (table_rows.json is
     the whole table, sortable in the UI)."""
     from .. import tracking
@@ -182,7 +182,8 @@ def log_mlflow(cfg, table: dict, artifacts: list[Path]) -> bool:
         if "/" in name:
             continue
         vals = {"base": r["base"], "tuned": r["tuned"], "delta": r["delta"]}  # CIs and n: the logged table
-        metrics.update({_key(f"eval.{name}.{k}"): float(v) for k, v in vals.items()
+        # "eval/..." : the MLflow UI groups a prefix before "/" into its own section of charts
+        metrics.update({_key(f"eval/{name}.{k}"): float(v) for k, v in vals.items()
                         if v is not None and math.isfinite(float(v))})
     with tracking.start_run(cfg, new=False):
         mlflow.log_metrics(metrics)
