@@ -80,7 +80,42 @@ def resolve_base(cfg: Config) -> str:
         return str(materialise_embedded(cfg.paths.base_cache))
     if os.path.isdir(base) and not (Path(base) / "config.json").exists():
         raise LlmftError(f"model.base: {base} is a directory without config.json")
+    if os.path.isdir(base) and (problem := trust_problem(Path(base), cfg.model.allow_pickle, cfg.model.trust_remote_code)):
+        raise LlmftError(f"model.base: {base} {problem}")
     return base  # a local model directory, or a hub id that from_pretrained downloads or finds in the HF cache
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def trust_problem(model_dir: Path, allow_pickle: bool, trust_remote_code: bool) -> str | None:
+    """Why a local model cannot load with what params allow, naming the key to set; None when it can.
+
+    Pickle weights need model.allow_pickle: transformers' own error under use_safetensors=True is an OSError that
+    says only that model.safetensors is missing, and lm-eval's loader would read the pickle anyway. A model type
+    that only its shipped code defines needs model.trust_remote_code: transformers asks for an argument
+    `trust_remote_code=True` that is not ours. Checked at load (ModelConfig) and again when a stage resolves
+    the base."""
+    files = {p.name for p in model_dir.iterdir() if p.is_file()}
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if not allow_pickle and pickles and not any(f.endswith(".safetensors") for f in files):
+        return (f"holds only pickle weights ({', '.join(pickles)}), and loading a pickle can run code: set "
+                "model.allow_pickle=true to load them anyway, or convert them to safetensors")
+    if trust_remote_code or not (model_dir / "config.json").exists():
+        return None
+    import json
+
+    conf = json.loads((model_dir / "config.json").read_text())
+    if conf.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        # A type transformers knows loads with its own classes and the shipped code never runs (tests/
+        # test_reliability.py checks it); an unknown type cannot load without running it.
+        if conf.get("model_type") not in CONFIG_MAPPING:
+            return (f"defines its model type {conf.get('model_type')!r} in its own Python code (auto_map: "
+                    f"{', '.join(sorted(conf['auto_map']))}), which runs only with model.trust_remote_code=true: "
+                    "read that code first")
+    return None
 
 
 def load_kwargs(cfg: Config) -> dict:
