@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from test_reliability import judge  # noqa: F401 (the stand-in judge fixture, module-scoped)
-from test_reliability import (assert_no_half_written, check_registry, comparable, dolly_with_enormous_rows, finish, log_has,
+from test_reliability import (assert_no_half_written, snapshot, check_registry, comparable, dolly_with_enormous_rows, finish, log_has,
                               make_project, race_registers, seed_champion, sh, start, store_states, undisturbed)
 
 pytestmark = pytest.mark.long
@@ -55,10 +55,14 @@ def kill(proc: subprocess.Popen, stage_only: bool) -> str:
     """SIGKILL the stage's process alone (DVC sees it die and stops) or the whole group (DVC too)."""
     import psutil
 
-    kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "llmft" in " ".join(c.cmdline())] \
-        if stage_only else []
-    for c in kids:
-        c.send_signal(signal.SIGKILL)
+    kids = []
+    for c in psutil.Process(proc.pid).children(recursive=True) if stage_only else []:
+        try:
+            if "llmft" in " ".join(c.cmdline()):
+                c.send_signal(signal.SIGKILL)
+                kids.append(c)
+        except psutil.Error:  # ended (or a zombie) meanwhile
+            pass
     if not kids:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=120)
@@ -109,6 +113,22 @@ def check_clean(p: Path, expected: dict, uri: str, rounds_registered: bool) -> N
         assert (reg["decision"], reg["reason"], reg["champion_version"]) == ("not_promoted", "tie", 1)
 
 
+def bad_params_under_dvc(p: Path) -> None:
+    """Bad params under `dvc repro`: train exits 2 naming file, line and key before any work, but DVC has already
+    deleted the stage's outputs (it does before running any stage), the uncached metrics too. With params fixed,
+    `dvc repro` re-exports the finished training (no step trained) to the same bytes, so nothing after it reruns."""
+    params, adapter = (p / "params.yaml").read_bytes(), snapshot(p / "models/adapter")
+    (p / "params.yaml").write_bytes(params.replace(b"  learning_rate: 0.0003\n", b"  learning_rate: -0.0003\n"))
+    res = sh("dvc", "repro", cwd=p, check=False)
+    line = params[:params.index(b"  learning_rate:")].count(b"\n") + 1
+    assert res.returncode != 0 and f"params.yaml:{line}: 'train.learning_rate' must be > 0" in res.stdout + res.stderr
+    assert not (p / "models/adapter").exists() and not (p / "metrics/train.json").exists()
+    (p / "params.yaml").write_bytes(params)
+    again = sh("dvc", "repro", cwd=p).stdout
+    assert "training nothing" in again and all(f"Stage '{s}' didn't change" in again for s in ("evaluate", "register")), again
+    assert snapshot(p / "models/adapter") == adapter
+
+
 def test_twenty_kills_at_random_points_then_repro(tmp_path, tiny_model_dir, bench_data, judge, monkeypatch):
     rng = random.Random(SEED)
     source = dolly_with_enormous_rows(tmp_path / "dolly_big.jsonl")
@@ -142,6 +162,8 @@ def test_twenty_kills_at_random_points_then_repro(tmp_path, tiny_model_dir, benc
         out = finish(*start(["dvc", "repro"], p))
         assert "ERROR" not in out, out[-3000:]
         check_clean(p, expected, uri, rounds_registered=registered)
+    bad_params_under_dvc(p)
+    check_clean(p, expected, uri, rounds_registered=registered)
     total = sum(kills.values())
     print(f"\nreliability: {total} kills survived in the pipeline ({', '.join(f'{k} {v}' for k, v in sorted(kills.items()))}; "
           f"{misses} rounds ended before their kill point), each followed by a dvc repro matching the undisturbed run")
@@ -183,8 +205,8 @@ def study_result(root: Path) -> tuple[dict, float]:
 
 
 def test_tune_killed_at_random_points_then_rerun(tmp_path, tiny_model_dir):
-    """A 3-trial grid study killed 6 times (at most twice per trial: the heartbeat retries a trial twice), each
-    time rerun with `llmft tune`: the same trials complete with the same values as an undisturbed study, the
+    """A 3-trial grid study killed up to 6 times (at most twice per trial: the heartbeat retries a trial twice),
+    each time rerun with `llmft tune`: the same trials complete with the same values as an undisturbed study, the
     best one is promoted once, and no run is left RUNNING."""
     from mlflow import MlflowClient
 
@@ -196,17 +218,25 @@ def test_tune_killed_at_random_points_then_rerun(tmp_path, tiny_model_dir):
 
     root = tune_project(tmp_path / "killed")
     cmd = [sys.executable, "-m", "llmft", "tune", *tune_args(root, tiny_model_dir)]
-    kills = 0
-    for trial in (0, 0, 1, 1, 2, 2):
-        ckpt = root / "runs/tune/kill" / f"trial-{trial:03d}" / "models/checkpoints"
-        step = 2 if not (ckpt / "checkpoint-2" / "trainer_state.json").exists() else 4
+    trials = root / "runs/tune/kill"
+    per_trial = Counter()  # kills per trial folder (a trial and its retries share one)
+    for _ in range(6):
+        seen = set(trials.glob("trial-*/models/checkpoints/checkpoint-*"))
+        fresh = []  # a checkpoint being written by a trial killed fewer than twice
+
+        def new_checkpoint():
+            # not the last one (checkpoint-6): a kill after it could land in the next trial, beyond the count
+            fresh[:] = [c for c in set(trials.glob("trial-*/models/checkpoints/checkpoint-*")) - seen
+                        if per_trial[c.parts[-4]] < 2 and c.name in ("checkpoint-2", "checkpoint-4")]
+            return bool(fresh)
+
         proc, log = start(cmd, root)
-        cond = lambda: (ckpt / f"checkpoint-{step}").exists()  # noqa: E731
-        if wait_then_kill(proc, log, cond, rng.uniform(0, 2.0), stage_only=False) is not None:
-            kills += 1
-            print(f"reliability: tune killed after trial {trial}'s checkpoint-{step}", flush=True)
+        if wait_then_kill(proc, log, new_checkpoint, rng.uniform(0, 1.0), stage_only=False) is not None:
+            per_trial[fresh[0].parts[-4]] += 1
+            print(f"reliability: tune killed after {fresh[0].parts[-4]}'s {fresh[0].name} appeared", flush=True)
         else:
             assert proc.returncode == 0, log.read_text()[-3000:]
+    kills = sum(per_trial.values())
     out = finish(*start(cmd, root))
     got, got_best = study_result(root)
     assert got == expected and got_best == best, (got, expected)

@@ -129,7 +129,7 @@ def close_orphans(exp_id: str) -> list[str]:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.llmft-tmp{os.getpid()}")  # models.TMP: ignored by git and DVC
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -466,9 +466,14 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
         "fingerprint": fingerprint,
         **_peak_memory(),
     }
-    if replay:  # killed after the final checkpoint but before writing its metrics: the speeds are unknown
-        metrics = _final_metrics(resume) or {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None,
-                                             "runtime_s": None}
+    if replay:
+        final = _final_metrics(resume)
+        if final is None:  # killed after the final checkpoint but before writing its metrics: the speeds are unknown
+            final = {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None, "runtime_s": None}
+            # kept, so the next replay writes the same train.json (its peak memory differs every time): else DVC
+            # sees train's metrics change on every `dvc repro -f` and reruns register and report
+            tracking.write_json(Path(resume) / FINAL, final)
+        metrics = final
     else:
         last = last_complete_checkpoint(Path(paths.checkpoints))
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
