@@ -168,6 +168,11 @@ class ModelConfig:
         yield "base", b == "embedded" or is_dir or _hub_id(b), \
             f"{b!r} is neither 'embedded', a model directory, nor a hub id (org/name)"
         yield "base", not is_dir or (Path(b) / "config.json").exists(), f"{b} is a directory without config.json"
+        if is_dir:
+            from .models import trust_problem
+
+            problem = trust_problem(Path(b), self.allow_pickle, self.trust_remote_code)
+            yield "base", problem is None, f"{b} {problem}"
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -796,7 +801,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     """(mapping, key -> line) of a params file; a missing file is empty."""
-    text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
+    raw_bytes = path.read_bytes() if path.exists() else b""
+    try:
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # was a traceback from the CLI: name the line, as for every other bad input
+        line = raw_bytes[:e.start].count(b"\n") + 1
+        raise LlmftError(f"{path}:{line}: not UTF-8 (byte {raw_bytes[e.start]:#04x}); re-save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(text)

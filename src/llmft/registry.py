@@ -8,14 +8,18 @@ The candidate gets the alias (`champion`) only when it beats the current champio
 compare against the registry, not against files that may have changed. The decision is taken under a
 lock, after the version exists, so two processes promoting at once end with one champion whose tags
 agree. The decision and both numbers are tags on the new version and go to `paths.register_metrics`.
+A rerun after a kill finishes the version the killed process registered (same run, adapter and metric) instead
+of adding another; a version whose process died undecided elsewhere is tagged `interrupted`.
 `tune` promotes its best trial through `promote` too.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata as md
 import math
 import os
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -160,10 +164,35 @@ def promotion_lock(cfg: Config):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+DONE_TAG, ADAPTER_TAG = "llmft.registered", "llmft.adapter_sha256"  # DONE_TAG: set last, after register.json
+
+
+def adapter_digest(adapter: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(adapter).rglob("*") if p.is_file()):
+        h.update(f.relative_to(adapter).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _orphaned(client, name: str) -> list:
+    """Versions whose registering process (on this machine) died before finishing, oldest first."""
+    here, out = socket.gethostname(), []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        t = v.tags
+        if not t.get(DONE_TAG) and t.get(tracking.HOST_TAG) == here and not tracking.alive(t.get(tracking.PID_TAG)):
+            out.append(v)
+    return sorted(out, key=lambda v: int(v.version))
+
+
+def _none(text: str) -> Optional[str]:
+    return None if text == "None" else text  # the tags hold repr(None) / str(None)
+
+
 def promote(cfg: Config, adapter: str, candidate: Optional[float], direction: str, missing_why: str = "",
             extra_tags: Optional[dict] = None) -> dict:
     """Log the adapter as a model version in the active MLflow run, then promote it if `decide` says so.
-    Returns the decision record (also the version's tags)."""
+    Writes the decision record to paths.register_metrics (also the version's tags) and returns it."""
+    import mlflow
     from mlflow import MlflowClient, register_model, set_tags
 
     r = cfg.register
@@ -171,24 +200,52 @@ def promote(cfg: Config, adapter: str, candidate: Optional[float], direction: st
         raise LlmftError(f"paths.adapter: no PEFT adapter in {adapter} (run `llmft train` first)")
     base = local_base(cfg)
     client = MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
-        info = log_model(cfg, base, Path(tmp), adapter)
+    run_id, digest = mlflow.active_run().info.run_id, adapter_digest(adapter)
     tags = {"promotion.metric": r.metric, "promotion.direction": direction, "promotion.candidate": repr(candidate),
-            **(extra_tags or {})}
+            ADAPTER_TAG: digest, **(extra_tags or {})}
     if candidate is not None:
         tags[metric_tag(r.metric)] = repr(candidate)  # repr round-trips the float exactly (ties stay ties)
     else:
         tags["promotion.missing"] = missing_why
-    version = str(register_model(info.model_uri, r.model_name, tags=tags).version)
+    # A kill between registering and writing register.json left a version of this very run and adapter: finish
+    # that one. Registering another would make a tie with it (not_promoted) where the undisturbed run promoted.
+    # (Two reruns that both pick it decide it one after the other under the lock: the second keeps the first's.)
+    same = [v for v in _orphaned(client, r.model_name) if v.run_id == run_id
+            and all(v.tags.get(k) == tags[k] for k in (ADAPTER_TAG, "promotion.metric", "promotion.candidate"))]
+    version = str(same[-1].version) if same else None
+    if version:
+        for k, v in tracking.owner_tags().items():  # claimed: the sweep below and other reruns see a live owner
+            client.set_model_version_tag(r.model_name, version, k, v)
+        print(f"register: finishing v{version}, which a killed register of this run left unfinished")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            info = log_model(cfg, base, Path(tmp), adapter)
+        version = str(register_model(info.model_uri, r.model_name, tags={**tags, **tracking.owner_tags()}).version)
     # Decide only once the version exists and while no one else decides: a racing register then sees this
     # version as the champion (or not) instead of both promoting over the same old champion.
     with promotion_lock(cfg):
+        for v in _orphaned(client, r.model_name):  # others whose process died before deciding: say so on them
+            if str(v.version) != version and "promotion.decision" not in v.tags:
+                client.set_model_version_tag(r.model_name, v.version, "promotion.decision", "interrupted")
+                client.set_model_version_tag(r.model_name, v.version, "promotion.reason",
+                                             "its register process died before deciding")
         champion_version, champion = current_champion(client, r.model_name, r.alias, r.metric)
-        promote_it, reason = decide(candidate, champion_version, champion, direction)
-        decision = {"promotion.decision": "promoted" if promote_it else "not_promoted", "promotion.reason": reason,
-                    "promotion.champion": repr(champion), "promotion.champion_version": str(champion_version)}
-        for k, v in decision.items():
-            client.set_model_version_tag(r.model_name, version, k, v)
+        before = client.get_model_version(r.model_name, version).tags
+        if before.get("promotion.decision") in ("promoted", "not_promoted") and \
+                str(champion_version) in (version, before.get("promotion.champion_version")):
+            # decided before the kill, against the champion that still holds the alias (or it is the champion):
+            # keep that decision; only the alias may be missing
+            decision = {k: before[k] for k in ("promotion.decision", "promotion.reason", "promotion.champion",
+                                                "promotion.champion_version")}
+            promote_it, reason = decision["promotion.decision"] == "promoted", decision["promotion.reason"]
+            champion_version, champion = _none(decision["promotion.champion_version"]), _none(decision["promotion.champion"])
+            champion = float(champion) if champion is not None else None
+        else:
+            promote_it, reason = decide(candidate, champion_version, champion, direction)
+            decision = {"promotion.decision": "promoted" if promote_it else "not_promoted", "promotion.reason": reason,
+                        "promotion.champion": repr(champion), "promotion.champion_version": str(champion_version)}
+            for k, v in decision.items():
+                client.set_model_version_tag(r.model_name, version, k, v)
         if promote_it:
             client.set_registered_model_alias(r.model_name, r.alias, version)
     set_tags({"registry.model": r.model_name, "registry.version": version,
@@ -199,6 +256,8 @@ def promote(cfg: Config, adapter: str, candidate: Optional[float], direction: st
               "champion_version": int(champion_version) if champion_version else None}
     if candidate is None:
         result["missing"] = missing_why
+    tracking.write_json(cfg.paths.register_metrics, result)
+    client.set_model_version_tag(r.model_name, version, DONE_TAG, "true")
     vs = f"{r.metric} {candidate} vs champion v{champion_version}: {champion}" if champion_version else f"{r.metric} {candidate}"
     holder = version if promote_it else champion_version
     print(f"register: {r.model_name} v{version} {decision['promotion.decision']} ({reason}; {vs}, {direction}); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,9 @@ from .config import Config, LlmftError, TrackingConfig
 
 # Keys that may hold secrets are never logged, whatever their source (an env var's *name* is fine).
 SECRET_KEYS = {"api_key", "apikey", "key", "token", "access_token", "hf_token", "secret", "password"}
+# Which process holds a run open: set by every stage that opens it, so a later one can tell a run whose process
+# is gone (kill -9, the OOM killer) from one still in use.
+HOST_TAG, PID_TAG = "llmft.host", "llmft.pid"
 
 
 def setup(cfg: TrackingConfig) -> str:
@@ -67,6 +71,7 @@ def start_run(cfg: Config, new: bool = True, run_id: str | None = None, stage: s
     import mlflow
 
     exp_id = setup(cfg.tracking)
+    close_orphans(exp_id)
     id_file = Path(cfg.paths.run_id)
     if not new:
         if not id_file.exists():
@@ -75,15 +80,58 @@ def start_run(cfg: Config, new: bool = True, run_id: str | None = None, stage: s
     name = run_name(cfg, stage) if run_id is None else None
     if run_id is None and cfg.tracking.parent_run_id:  # shown nested under it in the MLflow UI
         kwargs["tags"] = {**kwargs.get("tags", {}), "mlflow.parentRunId": cfg.tracking.parent_run_id}
+    kwargs["tags"] = {**kwargs.get("tags", {}), **owner_tags()}  # with the run's creation or reopening: no gap
     with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=name, **kwargs) as run:
         if new:
             write_atomic(id_file, run.info.run_id + "\n")
         yield run
 
 
+def owner_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def alive(pid) -> bool:
+    """Whether a process of this machine with that id exists."""
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def close_orphans(exp_id: str) -> list[str]:
+    """Mark FAILED the runs left RUNNING by a process of this machine that is gone, and the models they were
+    logging (MLflow's LoggedModel, PENDING until its upload ends), so that no run stays RUNNING for ever.
+
+    A stage killed while it held the pipeline's run open (train mid-step, evaluate or register mid-logging)
+    left it RUNNING until some later stage happened to reopen and close it, or for ever if none did (train
+    rerun with another config starts a new run). Every stage calls this before opening its run; a run that is
+    reopened afterwards (a resumed train, the rerun of the killed stage) becomes RUNNING, then FINISHED, again.
+    Runs of other machines, and runs without the owner tags (tune's study run), are left alone."""
+    from mlflow import MlflowClient
+
+    client, here, closed = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags, run_id = run.data.tags, run.info.run_id
+        if tags.get(HOST_TAG) != here or alive(tags.get(PID_TAG)):
+            continue
+        for model in client.search_logged_models([exp_id], f"source_run_id = '{run_id}'"):
+            if str(getattr(model.status, "value", model.status)) == "PENDING":  # (a status filter finds none on SQLite)
+                client.finalize_logged_model(model.model_id, "FAILED")
+        client.set_tag(run_id, "llmft.interrupted", f"process {tags.get(PID_TAG)} on {here} ended with this run open")
+        client.set_terminated(run_id, "FAILED")
+        closed.append(run_id)
+    if closed:
+        print(f"tracking: marked {len(closed)} run(s) FAILED whose process had died: {', '.join(closed)}", flush=True)
+    return closed
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.llmft-tmp{os.getpid()}")  # models.TMP: ignored by git and DVC
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -444,6 +444,7 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
     with atomic_dir(out) as tmp:
         trainer.model.save_pretrained(tmp, state_dict=adapter)  # adapter: the gathered FSDP tensors, or None
         trainer.processing_class.save_pretrained(tmp)
+        _sort_target_modules(tmp / "adapter_config.json")
 
     history = state.log_history
     # dict: an evaluation at an epoch end that is also an eval step is logged twice.
@@ -465,9 +466,14 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
         "fingerprint": fingerprint,
         **_peak_memory(),
     }
-    if replay:  # killed after the final checkpoint but before writing its metrics: the speeds are unknown
-        metrics = _final_metrics(resume) or {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None,
-                                             "runtime_s": None}
+    if replay:
+        final = _final_metrics(resume)
+        if final is None:  # killed after the final checkpoint but before writing its metrics: the speeds are unknown
+            final = {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None, "runtime_s": None}
+            # kept, so the next replay writes the same train.json (its peak memory differs every time): else DVC
+            # sees train's metrics change on every `dvc repro -f` and reruns register and report
+            tracking.write_json(Path(resume) / FINAL, final)
+        metrics = final
     else:
         last = last_complete_checkpoint(Path(paths.checkpoints))
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
@@ -485,6 +491,17 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
           + ", ".join(f"{k.removeprefix('peak_').removesuffix('_gib')} {v} GiB" for k, v in _peak_memory().items())
           + f"; adapter -> {out}")
     return metrics
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT resolves `all-linear` to a set of module names and saves it in set order, which string hashing
+    randomises per process: the same adapter got another adapter_config.json, hence another DVC hash, in every
+    run, so a resumed or replayed train (`dvc repro` after a kill, `dvc repro -f`) made DVC rerun evaluate,
+    register and report for an identical adapter. Sorted, the file is the same bytes for the same adapter."""
+    conf = json.loads(config_file.read_text())
+    if isinstance(conf.get("target_modules"), list):
+        conf["target_modules"] = sorted(conf["target_modules"])
+        write_atomic(config_file, json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def merge(cfg: Config) -> None:

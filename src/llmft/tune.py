@@ -29,6 +29,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .config import Config, LlmftError, rebased_paths, set_key, validate
+from .tracking import alive as _alive
 
 # Paths every trial shares with the project (inputs and caches); all others go to the trial's own folder.
 SHARED_PATHS = ("data", "data_metrics", "base_cache", "judge_cache", "tune")
@@ -146,16 +147,6 @@ def wait_for_dead_workers(study, cfg: Config) -> None:
         time.sleep(wait)
     optuna.storages.fail_stale_trials(study)
     _close_orphan_runs(study, cfg)
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 def _close_orphan_runs(study, cfg: Config) -> None:
@@ -472,8 +463,7 @@ def promote_best(cfg: Config, study, best) -> dict:
             result = registry.promote(tc, tc.paths.adapter, candidate, direction, why, extra_tags=tags)
         study.set_user_attr("promoted_trial", best.number)
         study.set_user_attr("promoted_version", result["version"])
-    tracking.write_json(tc.paths.register_metrics, result)
-    return result
+    return result  # promote wrote tc.paths.register_metrics
 
 
 class _Fixed:
