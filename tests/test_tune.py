@@ -190,6 +190,29 @@ def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     assert len(runs) == 3  # trial 1 and its retry share one run
 
 
+def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
+    """SIGINT (Ctrl-C) mid-trial: the trial is FAIL with its reason in Optuna and in its MLflow run, the study's
+    run is KILLED, and the process exits non-zero."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    args = ["tune.study=interrupted", "tune.n_trials=2", "tune.pruner=none", "tune.promote=false"]
+    proc = _tune_cli(project, tiny_model_dir, uri, *args)
+    ckpt = project / "runs" / "tune" / "interrupted" / "trial-000" / "models" / "checkpoints" / "checkpoint-2"
+    deadline = time.time() + 600
+    while not (ckpt / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out
+    cfg = cfg_for(project, tiny_model_dir, uri, **dict(a.split("=", 1) for a in args))
+    trial = load(cfg).trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"].startswith("KeyboardInterrupt"), out
+    runs, parents = trial_runs(uri, "interrupted")
+    assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["optuna.state"] == "FAIL"
+    assert [r.info.status for r in parents] == ["KILLED"]
+
+
 # ------------------------------------------------------------------------------------ PostgreSQL
 def _free_port() -> int:
     with socket.socket() as s:

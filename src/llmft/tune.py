@@ -53,8 +53,15 @@ def tune(cfg: Config) -> dict:
           f"{t.objective} ({direction}); MLflow parent run {parent}", flush=True)
     if _count(study, _live()) < t.n_trials:
         stop = optuna.study.MaxTrialsCallback(t.n_trials, states=_live())
-        study.optimize(lambda trial: run_trial(trial, cfg, parent, ref, direction), timeout=t.timeout_s,
-                       callbacks=[stop], catch=(Exception,), gc_after_trial=True)
+        try:
+            study.optimize(lambda trial: run_trial(trial, cfg, parent, ref, direction), timeout=t.timeout_s,
+                           callbacks=[stop], catch=(Exception,), gc_after_trial=True)
+        except KeyboardInterrupt:  # Ctrl-C: the study's run says so, unless other workers still run trials in it
+            if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                from mlflow import MlflowClient
+
+                MlflowClient().set_terminated(parent, "KILLED")
+            raise
     return finish(cfg, study, parent, direction)
 
 
