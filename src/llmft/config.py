@@ -369,7 +369,8 @@ class GenerationConfig:
     fast: Literal["auto", True, False] = "auto"
     """Generation path. true: prompts sorted by length and cut into length buckets, a static KV cache (and, on a
     GPU, transformers' compiled decode step), finished rows replaced by queued prompts every `refill_tokens`.
-    false: plain batched `generate`, as before. `auto`: true on a GPU, false on CPU. Greedy outputs are the same
+    false: plain batched `generate`, as before. `auto`: true on a GPU (unless repetition_penalty is not 1: padding
+    would change what it penalises), false on CPU. Greedy outputs are the same
     token for token in fp32; in bf16 they can part where two tokens' logits tie within rounding."""
     fast_batch_size: int = 0
     """Rows decoded together on the fast path; 0: as many as the free GPU memory holds (KV cache bytes per token x

@@ -43,7 +43,9 @@ def generate(model, tok, prompts: list[str], gen: GenerationConfig, desc: str = 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    fast = gen.fast if gen.fast != "auto" else device.type == "cuda"
+    # auto: the fast path on a GPU, unless a repetition penalty is set: it would also penalise the pad (= EOS)
+    # tokens a row was padded with, by how much it was padded, and part from plain generate
+    fast = gen.fast if gen.fast != "auto" else device.type == "cuda" and gen.repetition_penalty == 1.0
     # A prompt longer than the model's context (a 1 MB instruction in the test split) asked sdpa for a 40 GB mask
     # and killed evaluate after training. Keep the end of such a prompt (where the template's answer cue is),
     # as much of it as fits with the answer; shorter prompts are untouched.
