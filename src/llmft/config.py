@@ -364,7 +364,23 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     """>1 discourages repeats."""
     batch_size: int = 8
-    """Prompts generated (and sequences scored) together."""
+    """Prompts generated (and sequences scored) together on the plain path; the fast path sizes its own batches
+    (`fast_batch_size`)."""
+    fast: Literal["auto", True, False] = "auto"
+    """Generation path. true: prompts sorted by length and cut into length buckets, a static KV cache (and, on a
+    GPU, transformers' compiled decode step), finished rows replaced by queued prompts every `refill_tokens`.
+    false: plain batched `generate`, as before. `auto`: true on a GPU (unless repetition_penalty is not 1: padding
+    would change what it penalises), false on CPU. Greedy outputs are the same
+    token for token in fp32; in bf16 they can part where two tokens' logits tie within rounding."""
+    fast_batch_size: int = 0
+    """Rows decoded together on the fast path; 0: as many as the free GPU memory holds (KV cache bytes per token x
+    (bucket + max_new_tokens) per row, capped at 256), or `batch_size` on CPU."""
+    bucket_tokens: int = 256
+    """Fast path: prompt lengths are rounded up to a multiple of this, and each distinct rounded length is one
+    compiled shape (about 40 s to compile on a GPU), so larger means fewer compiles but more padding."""
+    refill_tokens: int = 256
+    """Fast path: new tokens per round. Between rounds rows that finished leave and queued prompts take their
+    slots; the kept rows' text is read again (one prefill), so smaller frees slots sooner but prefills more."""
 
     def _checks(self) -> Check:
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"
@@ -372,6 +388,9 @@ class GenerationConfig:
         yield "top_p", 0 < self.top_p <= 1, "must be in (0, 1]"
         yield "repetition_penalty", self.repetition_penalty > 0, "must be > 0"
         yield "batch_size", self.batch_size >= 1, "must be >= 1"
+        yield "fast_batch_size", self.fast_batch_size >= 0, "must be >= 0 (0: from free GPU memory)"
+        yield "bucket_tokens", self.bucket_tokens >= 1, "must be >= 1"
+        yield "refill_tokens", self.refill_tokens >= 1, "must be >= 1"
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""The fast generation path (length buckets, static cache, refilled rounds) answers exactly as plain batches do."""
+from __future__ import annotations
+
+import pytest
+
+from llmft import generate, templates
+from llmft.config import GenerationConfig, LlmftError, load_config
+
+QUESTIONS = ["Name a colour.", "Write a long story about " + "a cat and a dog " * 40, "x",
+             "What is the capital of France? Answer briefly, please.", "Count: " + " ".join(map(str, range(60))),
+             "Why is the sky blue?", "Translate 'good morning' into French, German and Spanish."]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model_dir):
+    return generate.load(str(tiny_model_dir), device="cpu")
+
+
+def _prompts():
+    return [templates.render_prompt("alpaca", [(q, None)]) for q in QUESTIONS]
+
+
+def _both(model, tok, prompts, **fast):
+    plain = generate.generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, batch_size=3, fast=False),
+                              progress=False)
+    gen = GenerationConfig(**{"max_new_tokens": 24, "fast": True, "bucket_tokens": 16, "refill_tokens": 8,
+                              "fast_batch_size": 2, **fast})
+    return plain, generate.generate(model, tok, prompts, gen, progress=False)
+
+
+def test_fast_path_greedy_equals_plain_in_input_order(model_tok):
+    """Mixed lengths (37 to 242 tokens) in an order that is not by length, several buckets, batches of 2 refilled
+    every 8 tokens: each answer must be plain generate's, at its own index."""
+    model, tok = model_tok
+    prompts = _prompts()
+    lengths = [len(tok(p).input_ids) for p in prompts]
+    assert lengths != sorted(lengths) and max(lengths) > 5 * min(lengths)
+    plain, fast = _both(model, tok, prompts)
+    assert len(set(plain)) == len(plain)  # distinct answers, so a mix-up of rows would show
+    assert fast == plain
+    assert tok.padding_side == "right" and tok.truncation_side == "right"
+
+
+def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model_dir, monkeypatch):
+    """EOS set to a token that the first answer emits early: that row stops in the first round, a queued prompt
+    takes its slot beside rows still going, and every answer is still plain generate's."""
+    from llmft.models import load_tokenizer
+
+    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))  # a copy: its EOS changes
+    prompts = _prompts()
+    enc = tok(prompts[:1], return_tensors="pt")
+    first = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
+    stop = int(first[3])  # the 4th token of the first answer becomes EOS
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    assert tok.eos_token_id == stop
+    rounds = []
+    real_round = generate._round
+
+    def spy(model, tok, seqs, *a, **k):
+        rounds.append(seqs)
+        return real_round(model, tok, seqs, *a, **k)
+
+    monkeypatch.setattr(generate, "_round", spy)
+    plain, fast = _both(model, tok, prompts, fast_batch_size=3)
+    assert fast == plain
+    ended = [a for a in plain if len(tok(a).input_ids) < 12]
+    assert ended and len(ended) < len(plain)  # some rows ended early, others ran to max_new_tokens
+    fresh = [list(x) for x in tok(prompts).input_ids]
+    # a later round holds a queued prompt (its ids alone) beside a row carried over (prompt + answer so far)
+    assert any(any(s in fresh for s in seqs) and any(s not in fresh for s in seqs) for seqs in rounds[1:])
+
+
+def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok):
+    model, tok = model_tok
+    short = templates.render_prompt("alpaca", [("Name a colour.", None)])
+    huge = templates.render_prompt("alpaca", [("Summarise: " + "word " * 3000, None)])
+    assert len(tok(huge).input_ids) > model.config.max_position_embeddings
+    plain, fast = _both(model, tok, [huge, short])
+    assert fast == plain
+
+
+def test_buckets_round_lengths_and_merge_small_buckets():
+    gen = GenerationConfig(max_new_tokens=100, bucket_tokens=64)
+    lengths = [10, 70, 65, 300, 20, 130, 60]
+    # every bucket fills a batch of 2: widths 64 (10, 20, 60), 128 (65, 70), 192 (130), 320 (300)
+    out = generate.buckets(lengths, gen, lambda cache_len: 2)
+    assert [(c, rows) for c, rows, _ in out] == [(164, [0, 4, 6]), (228, [2, 1]), (420, [5, 3])]
+    # batches of 4: the short buckets join longer ones until one batch is full; the last takes the rest
+    out = generate.buckets(lengths, gen, lambda cache_len: 4)
+    assert [(c, rows) for c, rows, _ in out] == [(228, [0, 4, 6, 2, 1]), (420, [5, 3])]
+
+
+def test_batch_rows_on_cpu_and_when_given(model_tok):
+    model, _ = model_tok
+    assert generate.batch_rows(model, 1024, GenerationConfig(batch_size=5)) == 5
+    assert generate.batch_rows(model, 1024, GenerationConfig(batch_size=5, fast_batch_size=12)) == 12
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.generation.fast=always", "'evaluate.generation.fast' = 'always' is not one of 'auto', True, False"),
+    ("evaluate.generation.fast_batch_size=-1", "must be >= 0"),
+    ("evaluate.generation.refill_tokens=0", "must be >= 1"),
+    ("evaluate.generation.bucket_tokens=0", "must be >= 1"),
+])
+def test_fast_path_keys_are_validated_at_load(tmp_path, override, message):
+    with pytest.raises(LlmftError, match=message.replace("(", r"\(")):
+        load_config(tmp_path / "missing.yaml", [override])
