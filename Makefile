@@ -41,7 +41,7 @@ pipeline: setup
 
 # The suite CI runs. Tests that also read ../shared/data skip, saying why, where it is absent.
 test: setup
-	$(BIN)/python -m pytest -q -m "not long"
+	$(BIN)/python -m pytest -q -m "not long" --durations=10   # the slowest tests: CI must stay well under 30 min
 
 # The long suite (minutes to hours): kill -9 sweeps, a real judge server, load on the served model.
 test-long: setup
