@@ -143,13 +143,16 @@ def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, t
 
 def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, processed, tracking_uri):
     # Completions differ in length, so averaging per-micro-batch means would give a different gradient.
-    common = {"train.lora.dropout": 0.0, "train.max_steps": 4}
+    # SGD, as in the two-process test: Adam's 1/sqrt(v) grows fp32 reduction-order noise (which changes with the
+    # thread count) on near-zero gradients to ~3e-5, too close to a real error; SGD keeps it at fp32 level.
+    common = {"train.lora.dropout": 0.0, "train.max_steps": 4, "train.optim": "sgd", "train.learning_rate": 0.5}
     run_train(tmp_path / "big", tiny_model_dir, processed, tracking_uri, **common, **{"train.batch_size": 8})
     run_train(tmp_path / "acc", tiny_model_dir, processed, tracking_uri, **common,
               **{"train.batch_size": 4, "train.grad_accum": 2})
-    # fp32 sums in another order differ by ~1e-7, which Adam's 1/sqrt(v) scaling grows to ~1e-6; averaging
-    # per-micro-batch means instead would move the weights by ~lr * 10% = 1e-4.
-    assert max_diff(adapter(tmp_path / "big"), adapter(tmp_path / "acc")) < 1e-5
+    big, acc = adapter(tmp_path / "big"), adapter(tmp_path / "acc")
+    moved = max(v.abs().max().item() for k, v in big.items() if "lora_B" in k)  # B starts at 0
+    # averaging per-micro-batch means instead of token sums would be off by ~10% of the update
+    assert moved > 1e-4 and max_diff(big, acc) < 1e-3 * moved, (moved, max_diff(big, acc))
 
 
 def test_merge_matches_unmerged_logits(tmp_path, tiny_model_dir, processed, tracking_uri):
