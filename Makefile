@@ -39,7 +39,7 @@ pipeline: setup
 	dvc repro
 	@echo "Done. Metrics: dvc metrics show | Runs: make ui (MLflow UI at http://127.0.0.1:5000)"
 
-# The suite CI runs. Tests that also read ../shared/data skip, saying why, where it is absent.
+# The suite CI runs. Tests that also read the real benchmark files (LLMFT_SHARED_DATA) skip, saying why, where absent.
 test: setup
 	$(BIN)/python -m pytest -q -m "not long" --durations=10   # the slowest tests: CI must stay well under 30 min
 

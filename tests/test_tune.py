@@ -157,6 +157,15 @@ def _tune_cli(root, model, uri, *extra, **kw):
                             text=True, **kw)
 
 
+def wait_for_checkpoint(proc, ckpt: Path) -> None:
+    """Until the tune process has written `ckpt` whole (its trainer_state.json comes last)."""
+    deadline = time.time() + 600
+    while not (ckpt / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
 def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     """kill -9 in the middle of trial 1; the rerun retries it from its last checkpoint in the same MLflow
     run, and the study ends with exactly n_trials complete or pruned trials, none RUNNING anywhere."""
@@ -166,11 +175,7 @@ def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     args = ["tune.study=killed", "tune.n_trials=3", "tune.pruner=none", "tune.promote=false", "train.max_steps=8"]
     proc = _tune_cli(project, tiny_model_dir, uri, *args)
     ckpt = project / "runs" / "tune" / "killed" / "trial-001" / "models" / "checkpoints" / "checkpoint-4"
-    deadline = time.time() + 600
-    while not (ckpt / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, ckpt)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     cfg = cfg_for(project, tiny_model_dir, uri, **dict(a.split("=", 1) for a in args))
@@ -197,11 +202,7 @@ def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
     args = ["tune.study=interrupted", "tune.n_trials=2", "tune.pruner=none", "tune.promote=false"]
     proc = _tune_cli(project, tiny_model_dir, uri, *args)
     ckpt = project / "runs" / "tune" / "interrupted" / "trial-000" / "models" / "checkpoints" / "checkpoint-2"
-    deadline = time.time() + 600
-    while not (ckpt / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, ckpt)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out

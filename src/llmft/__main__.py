@@ -1,6 +1,6 @@
 """llmft command line: one verb per pipeline stage, each reading params.yaml plus key=value overrides.
 
-    python -m llmft prepare data.source=../shared/data/dolly/dolly_sample.jsonl
+    python -m llmft prepare data.source=path/to/dolly.jsonl   # or a hub id: databricks/databricks-dolly-15k
     python -m llmft train train.max_steps=20
     python -m llmft params            # every key: its value in effect, its default and what it does
 """
