@@ -2,7 +2,6 @@
 best trial; a study killed mid-trial that resumes; two workers on a real PostgreSQL with a real MLflow server."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -169,8 +168,6 @@ def wait_for_checkpoint(proc, ckpt: Path) -> None:
 def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     """kill -9 in the middle of trial 1; the rerun retries it from its last checkpoint in the same MLflow
     run, and the study ends with exactly n_trials complete or pruned trials, none RUNNING anywhere."""
-    import optuna
-
     uri = f"sqlite:///{project / 'mlflow.db'}"
     args = ["tune.study=killed", "tune.n_trials=3", "tune.pruner=none", "tune.promote=false", "train.max_steps=8"]
     proc = _tune_cli(project, tiny_model_dir, uri, *args)

@@ -156,7 +156,7 @@ def llama2_tokenizer(vocab_gguf: str | Path, out_dir: str | Path) -> Path:
     transformers' GGUF conversion drops the SentencePiece dummy prefix (' Hello' -> [15043] instead of
     [29871, 15043]); Llama-2's real normalizer prepends '▁' and maps spaces to '▁'.
     """
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import normalizers
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
