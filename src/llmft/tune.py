@@ -83,17 +83,35 @@ def _safe_url(url: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the study
+def _rdb_storage(t):
+    """Optuna's RDB storage. Two workers starting together on an empty database both create its tables, and
+    PostgreSQL fails the slower CREATE TABLE with a duplicate key (IntegrityError): the schema then exists,
+    so opening it again succeeds."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2, inherit_intermediate_values=True)
+                return optuna.storages.RDBStorage(t.storage, heartbeat_interval=t.heartbeat_s,
+                                                  grace_period=2 * t.heartbeat_s, heartbeat_stale_trial_callback=retry)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:  # a bad URL, an unreachable server, a missing driver
+            raise LlmftError(f"tune.storage: cannot open {_safe_url(t.storage)} ({type(e).__name__}: {str(e)[:300]})") from None
+
+
 def load_study(cfg: Config, direction: str):
     """Create the study or load it (any worker may be first); heartbeats let a killed worker's trial be
     noticed and retried."""
     import optuna
 
     t = cfg.tune
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2, inherit_intermediate_values=True)
-        storage = optuna.storages.RDBStorage(t.storage, heartbeat_interval=t.heartbeat_s,
-                                             grace_period=2 * t.heartbeat_s, heartbeat_stale_trial_callback=retry)
+    storage = _rdb_storage(t)
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.sampler_startup_trials),
                "random": lambda: optuna.samplers.RandomSampler(seed=t.seed),
                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=t.seed, n_startup_trials=t.sampler_startup_trials),
