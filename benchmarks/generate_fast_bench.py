@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `llmft evaluate` sets it
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -167,7 +170,7 @@ def answers(args):
     def part(name, texts):
         ps = [render_prompt("alpaca", turns) for turns in texts]
         lens = sorted(len(x) for x in tok(ps).input_ids)
-        out, r = timed(lambda: generate(model, tok, ps, gen, desc=name), counter)
+        out, r = timed(lambda: generate(model, tok, ps, gen, desc=name, progress=False), counter)
         res["parts"].append({"part": name, "prompts": len(ps), "prompt_tokens_median": lens[len(lens) // 2],
                              "prompt_tokens_max": lens[-1], **r})
         print("RESULT", json.dumps(res["parts"][-1]), flush=True)
@@ -201,6 +204,9 @@ def main():
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
     args = ap.parse_args()
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("llmft.generate").setLevel(logging.DEBUG)  # one line per bucket: batch, tokens, seconds
     {"prompts": prompts, "speed": speed, "answers": answers}[args.cmd](args)
 
 

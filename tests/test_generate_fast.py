@@ -70,6 +70,54 @@ def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model
     assert any(any(s in fresh for s in seqs) and any(s not in fresh for s in seqs) for seqs in rounds[1:])
 
 
+def test_rounds_with_nothing_queued_go_on_in_the_same_cache(model_tok, monkeypatch):
+    """One batch holds every prompt, so no slot is ever refilled: after the first round the rows go on from the
+    last round's cache (no second prefill), and the answers are still plain generate's."""
+    model, tok = model_tok
+    fresh = []
+    real_round = generate._round
+
+    def spy(*a, **k):
+        fresh.append(k.get("state", a[8] if len(a) > 8 else None) is None)
+        return real_round(*a, **k)
+
+    monkeypatch.setattr(generate, "_round", spy)
+    plain, fast = _both(model, tok, _prompts(), fast_batch_size=len(QUESTIONS))
+    assert fast == plain
+    assert fresh == [True, False, False]  # 24 new tokens in rounds of 8
+
+
+def test_a_refill_waits_until_an_eighth_of_the_slots_are_free(monkeypatch):
+    """Batch 16, 20 prompts: the first row to finish leaves its slot idle and the rest go on in the same cache; when
+    a second finishes, queued prompts take both slots in a fresh round. Scripted rounds (no model): the schedule
+    is what is under test; that fresh and going-on rounds answer as plain generate does is tested above."""
+    import torch
+
+    class Tok:
+        eos_token_id = 0
+
+    ends = {3: 1, 5: 2}  # prompt index -> the round in which it emits EOS
+    calls = []
+
+    def scripted(model, tok, seqs, n, cache_len, batch, gen, seed, state=None):
+        r = len(calls)
+        calls.append((state is None, [s[0] - 100 for s in seqs if s is not None]))
+        width = (max(len(s) for s in seqs if s) if state is None else state[1].shape[1]) + n
+        more = [[0] if s is not None and ends.get(s[0] - 100) == r else [7] * n for s in seqs]
+        return more, (None, torch.zeros(1, width))
+
+    monkeypatch.setattr(generate, "_round", scripted)
+    gen = GenerationConfig(max_new_tokens=40, refill_tokens=10)
+    ids = [[100 + i] for i in range(20)]
+    done = dict(generate._refill(None, Tok(), ids, list(range(20)), 16, 64, gen, 0))
+    assert [fresh for fresh, _ in calls[:4]] == [True, False, False, True]
+    assert calls[1][1] == list(range(16))
+    assert calls[2][1] == [i for i in range(16) if i != 3]  # row 3 finished in round 1; its slot idles in round 2
+    assert set(calls[3][1]) == set(range(18)) - {3, 5}
+    assert sorted(done) == list(range(20)) and done[3] == [7] * 10 + [0] and done[5] == [7] * 20 + [0]
+    assert all(len(v) == 40 for i, v in done.items() if i not in ends)
+
+
 def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok):
     model, tok = model_tok
     short = templates.render_prompt("alpaca", [("Name a colour.", None)])
@@ -88,6 +136,20 @@ def test_buckets_round_lengths_and_merge_small_buckets():
     # batches of 4: the short buckets join longer ones until one batch is full; the last takes the rest
     out = generate.buckets(lengths, gen, lambda cache_len: 4)
     assert [(c, rows) for c, rows, _ in out] == [(228, [0, 4, 6, 2, 1]), (420, [5, 3])]
+    # 5 prompts at 4 rows are two batches of 3 (not 4 and 1 padded to 4); 2 fit one batch of 2
+    assert [b for _, _, b in out] == [3, 2]
+    assert [b for _, _, b in generate.buckets(list(range(1, 13)), gen, lambda cache_len: 5)] == [4]
+
+
+def test_a_few_long_prompts_do_not_stretch_the_cache_of_shorter_ones():
+    """Rows of width 64 join the 128 bucket (3 rows x 64 extra slots = 192 <= 200 slots a batch's weight reads cost),
+    but those joined rows then stay apart from the one 2,048-token prompt (5 x 1,920 extra slots > 200)."""
+    gen = GenerationConfig(max_new_tokens=100, bucket_tokens=64)
+    lengths = [10, 20, 30, 100, 110, 2000]
+    plan = generate.buckets(lengths, gen, lambda cache_len: 8, step_slots=200)
+    assert [(c, rows) for c, rows, _ in plan] == [(228, [0, 1, 2, 3, 4]), (2148, [5])]
+    # with no cost given (0), a bucket short of a full batch always joins the next: one bucket of 2,048 + 100
+    assert [(c, rows) for c, rows, _ in generate.buckets(lengths, gen, lambda cache_len: 8)] == [(2148, [0, 1, 2, 3, 4, 5])]
 
 
 def test_batch_rows_on_cpu_and_when_given(model_tok):

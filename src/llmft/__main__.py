@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "params":
             return _print_params(cfg)
         module, func, _ = VERBS[args.verb]
+        if args.verb in ("evaluate", "ask"):
+            # Generation sizes its batches to the free GPU memory, so fragmentation decides whether a prefill fits:
+            # without this a tuned 7B pass ran out of memory on an H200 with 17 GiB reserved but free. Read when
+            # torch first touches CUDA, so it is set before the verb's module loads.
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         fn = getattr(importlib.import_module(module), func)
         fn(cfg, prompts, file=args.file, tuned=args.tuned) if args.verb == "ask" else fn(cfg)
     except LlmftError as e:

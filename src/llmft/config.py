@@ -373,14 +373,17 @@ class GenerationConfig:
     would change what it penalises), false on CPU. Greedy outputs are the same
     token for token in fp32; in bf16 they can part where two tokens' logits tie within rounding."""
     fast_batch_size: int = 0
-    """Rows decoded together on the fast path; 0: as many as the free GPU memory holds (KV cache bytes per token x
-    (bucket + max_new_tokens) per row, capped at 256), or `batch_size` on CPU."""
+    """Most rows decoded together on the fast path (a bucket's prompts are spread evenly over as few batches as
+    that allows); 0: as many as the free GPU memory holds (KV cache and prefill bytes per token x (bucket +
+    max_new_tokens) per row, capped at 256), or `batch_size` on CPU."""
     bucket_tokens: int = 256
-    """Fast path: prompt lengths are rounded up to a multiple of this, and each distinct rounded length is one
-    compiled shape (about 40 s to compile on a GPU), so larger means fewer compiles but more padding."""
+    """Fast path: prompt lengths are rounded up to a multiple of this; each rounded length is one cache length.
+    Larger means fewer buckets but more padding. Compiles do not grow with buckets: after the first two shapes
+    the compiled decode step is dynamic in rows and cache length."""
     refill_tokens: int = 256
-    """Fast path: new tokens per round. Between rounds rows that finished leave and queued prompts take their
-    slots; the kept rows' text is read again (one prefill), so smaller frees slots sooner but prefills more."""
+    """Fast path: new tokens per round. After a round, rows that finished leave; once an eighth of the slots are
+    free, queued prompts take them and every row's text is read again (one prefill); until then the rows go on in
+    the same cache. Smaller frees slots sooner but prefills more."""
 
     def _checks(self) -> Check:
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"

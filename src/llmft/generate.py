@@ -4,9 +4,13 @@ Used in process by `evaluate` and inside the served MLflow model, so both produc
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Optional
 
 from .config import GenerationConfig
+
+log = logging.getLogger(__name__)
 
 
 def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype=None,
@@ -97,40 +101,64 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     """Length-sorted buckets, each decoded with a static cache in rounds that refill finished rows."""
     import torch
 
-    # Each bucket's shape (and the tuned model beside the base) is one more compiled graph of the same forward;
-    # past dynamo's default of 8 it would fall back to eager without a word, and decode 10x slower.
+    # Dynamo compiles the decode step for the first shape, then once more for each dimension that changed (rows,
+    # cache length), marking it dynamic; later shapes reuse that graph (the tiny model on CPU: 3 compiles for 5
+    # shapes). The tuned model beside the base is another forward; the raised limit keeps a long evaluate from
+    # falling back to eager without a word (10x slower).
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     ids = tok(prompts, truncation=limit is not None, max_length=limit)["input_ids"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = buckets([len(x) for x in ids], gen, lambda n: batch_rows(model, n, gen), weights // kv_bytes(model))
     outputs: list[str] = [""] * len(prompts)
-    for cache_len, rows, batch in buckets([len(x) for x in ids], gen, lambda n: batch_rows(model, n, gen)):
+    for cache_len, rows, batch in plan:
+        t0, made = time.perf_counter(), 0
         for i, new in _refill(model, tok, ids, rows, batch, cache_len, gen, seed):
             outputs[i] = tok.decode(new, skip_special_tokens=True).strip()
+            made += len(new)
             bar.update(1)
+        log.debug("bucket of cache length %d: %d prompts in batches of %d, %d new tokens in %.1f s", cache_len,
+                  len(rows), batch, made, time.perf_counter() - t0)
     return outputs
 
 
-def buckets(lengths: list[int], gen: GenerationConfig, rows_for) -> list[tuple[int, list[int], int]]:
+def buckets(lengths: list[int], gen: GenerationConfig, rows_for, step_slots: int = 0) -> list[tuple[int, list[int], int]]:
     """(cache length, prompt indices shortest first, batch rows) per bucket. A prompt's length is rounded up to
-    a multiple of `bucket_tokens`; the static cache then holds that plus max_new_tokens. Each cache length is
-    one compiled decode shape, so a bucket that would not fill one batch joins the next longer one."""
+    a multiple of `bucket_tokens`; the static cache then holds that plus max_new_tokens (`rows_for` gives the most
+    rows a batch of that cache length may hold). A bucket that would not fill one batch joins the next longer one,
+    unless that would cost its rows more cache reads per decode step than a batch of its own costs in weight
+    reads: rows x extra width > `step_slots` (weight bytes / KV-cache bytes per token; 0: always join)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: dict[int, list[int]] = {}
     for i in order:
         groups.setdefault(-(-lengths[i] // gen.bucket_tokens) * gen.bucket_tokens, []).append(i)
+    widths = sorted(groups)
     out, carry = [], []
-    for width in sorted(groups):
+    for width, wider in zip(widths, widths[1:] + [None]):
         carry += groups[width]
         cache_len = width + gen.max_new_tokens
         rows = rows_for(cache_len)
-        if len(carry) >= rows or width == max(groups):
-            out.append((cache_len, carry, rows))
+        # a few long prompts joined to the longest bucket made every row of it read a 3,072-token cache (H200)
+        alone = wider is not None and step_slots > 0 and len(carry) * (wider - width) > step_slots
+        if len(carry) >= rows or wider is None or alone:
+            # as many batches as `rows` allows, evened out: 450 prompts at 180 rows are 3 batches of 150, not 180,
+            # 180 and 90 padded to 180 (padding rows cost decode steps like real ones)
+            batches = -(-len(carry) // rows)
+            out.append((cache_len, carry, -(-len(carry) // batches)))
             carry = []
     return out
 
 
+def kv_bytes(model) -> int:
+    """KV-cache bytes per token: 2 (K and V) x layers x KV heads x head dim x dtype bytes."""
+    c = model.config.get_text_config(decoder=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
 def batch_rows(model, cache_len: int, gen: GenerationConfig, cap: int = 256) -> int:
     """Rows per batch: `fast_batch_size`, else as many as fit in free GPU memory (`batch_size` on CPU).
-    A row costs its static KV cache (2 x layers x KV heads x head dim x dtype bytes per token) plus room for
+    A row costs its static KV cache (`kv_bytes` per token) plus room for
     the prefill's MLP activations; the cap keeps one prefill (rows x tokens) from being the memory peak."""
     import torch
 
@@ -140,10 +168,10 @@ def batch_rows(model, cache_len: int, gen: GenerationConfig, cap: int = 256) -> 
     if device.type != "cuda":
         return gen.batch_size
     c = model.config.get_text_config(decoder=True)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    width = next(model.parameters()).element_size()
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * width + 4 * c.intermediate_size * width
+    # the prefill term: a refill reads rows of up to cache_len tokens at once; gate, up, their product and a LoRA
+    # layer's output are live together (at 4 x intermediate_size a tuned 7B at 132 rows x 1280 ran out of memory
+    # on an H200, fragmentation included)
+    per_token = kv_bytes(model) + 6 * c.intermediate_size * next(model.parameters()).element_size()
     torch.cuda.empty_cache()  # the last bucket's caches, freed but still reserved, would count as used
     free, _ = torch.cuda.mem_get_info(device)
     usable = 0.8 * free - 4 * 2**30  # headroom: allocator fragmentation, logits, compile workspace
@@ -152,49 +180,72 @@ def batch_rows(model, cache_len: int, gen: GenerationConfig, cap: int = 256) -> 
 
 def _refill(model, tok, ids, rows, batch, cache_len, gen, seed):
     """Yield (prompt index, new token ids) as rows finish. Each round generates up to `refill_tokens` for up to
-    `batch` rows; then rows that hit EOS or max_new_tokens leave and queued prompts take their slots, so a short
-    answer stops costing decode steps at the next round. Kept rows go on from their prompt + tokens so far."""
+    `batch` rows. After a round, rows that hit EOS or max_new_tokens leave; once an eighth of the slots are free
+    and prompts are queued, these take the free slots and the next round reads every row's text so far into a
+    fresh cache (one prefill), so short answers stop costing decode steps. Otherwise the rows go on in the same
+    cache with no prefill; a finished row's slot idles meanwhile."""
     from collections import deque
 
-    queue, active, round_ = deque(rows), [], 0
-    while queue or active:
-        while queue and len(active) < batch:
-            active.append((queue.popleft(), []))
-        # the round stops where the row with least budget left stops, so no row passes max_new_tokens and every
-        # row's prompt + answer fits the cache (cache_len = bucket + max_new_tokens)
-        n = min(gen.refill_tokens, min(gen.max_new_tokens - len(new) for _, new in active))
-        more = _round(model, tok, [ids[i] + new for i, new in active], n, cache_len, batch, gen, seed + round_)
-        kept = []
-        for (i, new), extra in zip(active, more):
+    # A refill's prefill of every row's text costs about as much as a hundred decode steps of the batch (7B, 132
+    # rows of ~1000 tokens: ~3 s against ~25 ms a step); one free slot in eight idling for the rest of the batch
+    # costs about that much, so fewer free slots wait. (On the H200 the rare EOS of a random 7B set off such a
+    # prefill of all 132 rows nearly every 256-token round when any free slot refilled.)
+    want = max(1, batch // 8)
+    queue, slots, state, round_ = deque(rows), [], None, 0  # a slot: [prompt index, new ids], None once finished
+    while queue or any(slots):
+        # going on in the same cache needs room in it: the tensor is as wide as the longest text at the last fresh
+        # start, so rows that start shorter can outlast it; then the live rows start afresh without the finished
+        room = cache_len - state[1].shape[1] if state is not None else 0
+        free = batch - len(slots) + slots.count(None)
+        if room < 1 or (queue and free >= min(want, len(queue))) or not any(slots):
+            slots = [s for s in slots if s is not None]
+            while queue and len(slots) < batch:
+                slots.append([queue.popleft(), []])
+            state, room = None, cache_len
+        live = [s for s in slots if s is not None]
+        # the round stops where the row with least budget left stops, so no row passes max_new_tokens and, from a
+        # fresh start, every row's prompt + answer fits the cache (cache_len = bucket + max_new_tokens)
+        n = min(gen.refill_tokens, room, min(gen.max_new_tokens - len(new) for _, new in live))
+        seqs = [ids[s[0]] + s[1] if s is not None else None for s in slots]
+        more, state = _round(model, tok, seqs, n, cache_len, batch, gen, seed + round_, state)
+        for j, (s, extra) in enumerate(zip(slots, more)):
+            if s is None:
+                continue
             done = tok.eos_token_id in extra
             # keep the EOS itself (decode drops it as plain generate's decode does) and nothing after it (padding)
-            new = new + (extra[:extra.index(tok.eos_token_id) + 1] if done else extra)
-            if done or len(new) >= gen.max_new_tokens:
-                yield i, new
-            else:
-                kept.append((i, new))
-        active, round_ = kept, round_ + 1
+            s[1] += extra[:extra.index(tok.eos_token_id) + 1] if done else extra
+            if done or len(s[1]) >= gen.max_new_tokens:
+                yield s[0], s[1]
+                slots[j] = None
+        round_ += 1
 
 
-def _round(model, tok, seqs: list[list[int]], n: int, cache_len: int, batch: int, gen, seed: int) -> list[list[int]]:
-    """Up to n new tokens per sequence: one `model.generate` on a fresh static cache of `cache_len` tokens
-    (transformers compiles the decode step for it on a GPU). The batch is padded to `batch` rows with copies of
-    the first sequence so every round of the bucket has the same shape and reuses the compiled step."""
+def _round(model, tok, seqs: list, n: int, cache_len: int, batch: int, gen, seed: int, state=None):
+    """(up to n new tokens per slot, state to go on from): one `model.generate` on a static cache of `cache_len`
+    tokens (transformers compiles the decode step for it on a GPU). Without `state` the cache is fresh and holds
+    `seqs`, padded to `batch` rows with copies of the first so every round of the bucket has one shape and reuses
+    the compiled step; with it, generation goes on from the last round's cache and tokens (`seqs` unread)."""
     import torch
     from transformers import StaticCache
 
     device = next(model.parameters()).device
-    compiled = device.type == "cuda"
-    rows = seqs + [seqs[0]] * (batch - len(seqs)) if compiled else seqs
-    width = max(len(s) for s in rows)
-    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, s in enumerate(rows):
-        input_ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    if state is None:
+        compiled = device.type == "cuda"
+        rows = seqs + [seqs[0]] * (batch - len(seqs)) if compiled else seqs
+        width = max(len(s) for s in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, s in enumerate(rows):
+            input_ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, width - len(s):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    else:
+        cache, input_ids, mask = state
+    width = input_ids.shape[1]
     torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
                              max_new_tokens=n, **_generate_kwargs(tok, gen))
-    return out[:len(seqs), width:].tolist()
+    mask = torch.cat([mask, mask.new_ones((mask.shape[0], out.shape[1] - width))], dim=1)
+    return out[:len(seqs), width:].tolist(), (cache, out, mask)
