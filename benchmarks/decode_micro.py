@@ -85,7 +85,6 @@ def attn(res):
         case["used_fraction"] = round(float(lens.float().mean()) / L, 3)
         rows.append(case)
         print("RESULT attn", json.dumps(case), flush=True)
-        del q, k, v, kh, vh
         torch.cuda.empty_cache()
     res["attn"] = rows
 
