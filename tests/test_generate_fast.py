@@ -70,6 +70,57 @@ def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model
     assert any(any(s in fresh for s in seqs) and any(s not in fresh for s in seqs) for seqs in rounds[1:])
 
 
+def _answers(model, tok, prompts, n=24) -> list[list[int]]:
+    """Each prompt's greedy answer alone, as token ids."""
+    out = []
+    for p in prompts:
+        enc = tok([p], return_tensors="pt")
+        out.append(model.generate(**enc, max_new_tokens=n, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:].tolist())
+    return out
+
+
+def test_rows_padded_to_the_batch_answer_as_plain(model_tok, tiny_model_dir, monkeypatch):
+    """On a GPU every round is padded to the batch's row count with copies of its first row (one compiled shape);
+    forced here on the CPU, with rows that stop early and refills, each answer is still plain generate's."""
+    from llmft.models import load_tokenizer
+
+    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))
+    prompts = _prompts()
+    tok.eos_token = tok.convert_ids_to_tokens(_answers(model, tok, prompts[:1])[0][3])
+    monkeypatch.setattr(generate, "_pads", lambda device: True)
+    plain, fast = _both(model, tok, prompts, fast_batch_size=3)
+    assert fast == plain
+
+
+def test_a_round_ends_when_its_live_rows_do(model_tok, tiny_model_dir, monkeypatch):
+    """Two rows in one batch, EOS a token both answers hold: the first row stops in an earlier round and its slot
+    idles; the second stops inside a later round, which must end there, not run on for the idle slot."""
+    from llmft.models import load_tokenizer
+
+    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))
+    prompts = _prompts()
+    ans = _answers(model, tok, prompts)
+    case = next(((i, j, t, b.index(t), r) for i, a in enumerate(ans) for t in a for j, b in enumerate(ans)
+                 for r in range(2, 9) if j != i and t in b and a.index(t) // r < b.index(t) // r
+                 and b.index(t) % r != r - 1 and b.index(t) <= 21), None)
+    assert case, "no token ends one answer a round before another's (the tiny model changed?)"
+    i, j, eos, at, refill = case
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    steps = []
+    real_round = generate._round
+
+    def spy(*a, **k):
+        more, state = real_round(*a, **k)
+        steps.append(len(more[0]))
+        return more, state
+
+    monkeypatch.setattr(generate, "_round", spy)
+    plain, fast = _both(model, tok, [prompts[i], prompts[j]], fast_batch_size=2, refill_tokens=refill)
+    assert fast == plain
+    assert sum(steps) == at + 1  # decode steps: up to the second row's EOS, none after
+
+
 def test_rounds_with_nothing_queued_go_on_in_the_same_cache(model_tok, monkeypatch):
     """One batch holds every prompt, so no slot is ever refilled: after the first round the rows go on from the
     last round's cache (no second prefill), and the answers are still plain generate's."""

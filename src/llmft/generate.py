@@ -220,18 +220,22 @@ def _refill(model, tok, ids, rows, batch, cache_len, gen, seed):
         round_ += 1
 
 
+def _pads(device) -> bool:
+    """Whether rounds pad their batch to a fixed row count: on a GPU, where each new shape is a compiled graph."""
+    return device.type == "cuda"
+
+
 def _round(model, tok, seqs: list, n: int, cache_len: int, batch: int, gen, seed: int, state=None):
     """(up to n new tokens per slot, state to go on from): one `model.generate` on a static cache of `cache_len`
     tokens (transformers compiles the decode step for it on a GPU). Without `state` the cache is fresh and holds
     `seqs`, padded to `batch` rows with copies of the first so every round of the bucket has one shape and reuses
     the compiled step; with it, generation goes on from the last round's cache and tokens (`seqs` unread)."""
     import torch
-    from transformers import StaticCache
+    from transformers import StaticCache, StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
     if state is None:
-        compiled = device.type == "cuda"
-        rows = seqs + [seqs[0]] * (batch - len(seqs)) if compiled else seqs
+        rows = seqs + [seqs[0]] * (batch - len(seqs)) if _pads(device) else seqs
         width = max(len(s) for s in rows)
         input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -243,9 +247,17 @@ def _round(model, tok, seqs: list, n: int, cache_len: int, batch: int, gen, seed
     else:
         cache, input_ids, mask = state
     width = input_ids.shape[1]
+    # Padding rows and finished rows' slots count as done from the first token, so the call ends when the real
+    # rows do: `generate` starts every row unfinished, and these would run the round to n steps for nothing.
+    idle = torch.tensor([s is None for s in seqs] + [True] * (input_ids.shape[0] - len(seqs)), device=device)
+
+    class Idle(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return idle
+
     torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                             max_new_tokens=n, **_generate_kwargs(tok, gen))
+        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+                             stopping_criteria=StoppingCriteriaList([Idle()]), **_generate_kwargs(tok, gen))
     mask = torch.cat([mask, mask.new_ones((mask.shape[0], out.shape[1] - width))], dim=1)
     return out[:len(seqs), width:].tolist(), (cache, out, mask)
