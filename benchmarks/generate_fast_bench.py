@@ -97,10 +97,11 @@ def speed(args):
     rows = [r["prompt"] for r in load_rows(args.data, None)]
     res = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "rows": []}
     plain = GenerationConfig(max_new_tokens=256, batch_size=32, fast=False)
-    generate(model, tok, rows[:2], GenerationConfig(max_new_tokens=8, batch_size=2, fast=False), progress=False)
-    base_out, r = timed(lambda: generate(model, tok, rows[:32], plain, progress=False), counter)
-    res["rows"].append({"path": "plain generate", "batch": 32, "prompts": 32, **r})
-    print("RESULT", json.dumps(res["rows"][-1]), flush=True)
+    if not args.fast_only:
+        generate(model, tok, rows[:2], GenerationConfig(max_new_tokens=8, batch_size=2, fast=False), progress=False)
+        base_out, r = timed(lambda: generate(model, tok, rows[:32], plain, progress=False), counter)
+        res["rows"].append({"path": "plain generate", "batch": 32, "prompts": 32, **r})
+        print("RESULT", json.dumps(res["rows"][-1]), flush=True)
     for n_prompts, fb in args.fast_runs:
         gen = GenerationConfig(max_new_tokens=256, fast=True, fast_batch_size=fb)
         p = (rows * (n_prompts // len(rows) + 1))[:n_prompts]
@@ -112,6 +113,9 @@ def speed(args):
                             "first_pass_with_compile": r1, **r2, "passes_equal": out1 == out2})
         print("RESULT", json.dumps(res["rows"][-1]), flush=True)
         fast_out = out2[:32]
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    if args.fast_only:
+        return
     res["agreement_7b_bf16"] = agreement(tok, base_out, fast_out)
     print("RESULT", json.dumps(res["agreement_7b_bf16"]), flush=True)
     res["tiny_fp32_compiled_equal"] = tiny_check(args)
@@ -200,6 +204,8 @@ def main():
         p.add_argument("--out", required=True)
     sub.choices["speed"].add_argument("--fast-runs", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
                                       default=[(512, 0)], help="PROMPTSxFAST_BATCH_SIZE (0: from free memory)")
+    sub.choices["speed"].add_argument("--fast-only", action="store_true",
+                                      help="only the fast runs: no plain baseline, agreement or tiny-model check")
     sub.choices["answers"].add_argument("--side", choices=["base", "tuned"], default="base")
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
