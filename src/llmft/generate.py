@@ -221,7 +221,8 @@ def _refill(model, tok, ids, rows, batch, cache_len, gen, seed):
 
 
 def _pads(device) -> bool:
-    """Whether rounds pad their batch to a fixed row count: on a GPU, where each new shape is a compiled graph."""
+    """Whether rounds pad their batch to a fixed row count: on a GPU, so that a bucket's rounds replay one
+    recorded CUDA graph of the compiled step instead of recording one per row count."""
     return device.type == "cuda"
 
 
