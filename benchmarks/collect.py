@@ -10,6 +10,7 @@ loss sync), from the first logged step to the last: warm-up excluded.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def main():
                              "tokens_per_s": (t1 - t0) / (r1 - r0), "step_time_s": (r1 - r0) / (s1 - s0),
                              "tokens_per_step": (t1 - t0) / (s1 - s0)}
         out["log_history"] = hist
+    if os.environ.get("MODEL", ".bench/llama2-7b") != ".bench/llama2-7b":  # the FLOP count is Llama-2-7B's
+        return _write(out, name, rc, res, tj=out.get("train_json", {}))
     lengths = json.loads(Path(".bench/data/lengths.json").read_text())
     fl = flops.llama2_7b(int(ov.get("train.lora.r", 16)), lengths, int(ov.get("train.max_length", 512)))
     out["flops"] = fl
@@ -44,6 +47,10 @@ def main():
         out["mfu_stage"] = flops.mfu(tj["tokens_per_s"], fl["flops_per_token"])
     if "steady" in out:
         out["mfu_steady"] = flops.mfu(out["steady"]["tokens_per_s"], fl["flops_per_token"])
+    _write(out, name, rc, res, tj)
+
+
+def _write(out: dict, name: str, rc: str, res: Path, tj: dict) -> None:
     res.mkdir(parents=True, exist_ok=True)
     (res / f"llmft_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     short = {"variant": name, "rc": int(rc), "stage_tok_s": tj.get("tokens_per_s"),

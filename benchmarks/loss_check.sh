@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 16's check that the speed switches leave the math alone, on real weights: the embedded SmolLM2-135M
+# (landed on the device by benchmarks/hop.sh) trained on the Dolly sample with the reference configuration and
+# with each switch of the fastest configuration added to it; then loss_equivalence.py compares the curves.
+#
+#   here:   PYTHONPATH=src python -m llmft prepare data.source=../shared/data/dolly/dolly_sample.jsonl \
+#               paths.data=.bench/dolly_split paths.data_metrics=/tmp/dolly_split.json
+#   device: bash benchmarks/hop.sh land 1; bash benchmarks/hop.sh land 2   (two calls, see hop.sh)
+#           bash benchmarks/loss_check.sh            (carry [".whl", ".bench"]; results in $OUT)
+#
+# The reference is the fastest configuration's data layout (packing 2048, flex attention: packed rows attend
+# only within their own example, LoRA dropout 0, batch 4) with every speed-only switch off; `sdpa_nopack`
+# (padded batches, no packing) is there for scale: it sees other batches, so its curve differs by more.
+# CONFIGS picks which runs (default: all); STEPS the optimizer steps of each (default 60, evaluated every 5).
+set -uo pipefail
+STEPS=${STEPS:-60}
+RES=${RES:-${OUT:-/tmp/loss_check}}
+export PYTHONPATH=/tmp/hop/site${PYTHONPATH:+:$PYTHONPATH} MODEL=embedded RES
+declare -A SWITCHES=(
+  [ref]=""
+  [liger]="train.use_liger_kernel=true"
+  [compile]="train.torch_compile=true"
+  [fastest]="train.use_liger_kernel=true train.torch_compile=true"
+  [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
+)
+CONFIGS=${CONFIGS:-ref liger compile fastest sdpa_nopack}
+COMMON="model.random_init=false paths.data=${DATA:-.bench/dolly_split} paths.base_cache=/tmp/hop/base
+  train.max_steps=$STEPS train.eval_steps=5 train.logging_steps=1 train.max_eval_rows=null train.seed=42
+  train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0
+  train.batch_size=4 ${EXTRA:-}"
+for name in $CONFIGS; do
+  # shellcheck disable=SC2086  # the overrides are words
+  bash benchmarks/gpu.sh llmft "$name" $COMMON ${SWITCHES[$name]}
+done
+names=$(for n in $CONFIGS; do [ "$n" != ref ] && echo "$n"; done)
+# shellcheck disable=SC2086
+python3 benchmarks/loss_equivalence.py --runs "${RUNS:-/tmp/llmft_runs}" --ref ref --names $names --out "$RES"

@@ -1,0 +1,91 @@
+"""Do the speed switches change the math? Training and validation loss of runs against a reference (issue 16).
+
+    python benchmarks/loss_equivalence.py --runs /tmp/llmft_runs --ref ref --names liger compile fastest --out DIR
+
+Each run is a `train` stage's output as `gpu.sh llmft NAME` leaves it: RUNS/NAME/plots/{train,eval}_loss.csv.
+For every name, at the steps both runs logged: the largest and the mean relative difference |run - ref| / ref,
+for training loss (per logged step) and validation loss (per evaluation), and the final values. Writes
+DIR/loss_equivalence.json and DIR/loss_equivalence.png (curves above, relative difference in % below).
+`benchmarks/loss_check.sh` makes the runs on the device with the embedded SmolLM2 (real weights).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+TOLERANCE = 0.01  # the issue's bar: curves within 1 % of the plain configuration's
+
+
+def read(path: Path) -> dict[int, float]:
+    with path.open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def compare(ref: dict[int, float], run: dict[int, float]) -> dict:
+    steps = sorted(set(ref) & set(run))
+    if not steps:
+        return {"steps": 0}
+    rel = [abs(run[s] - ref[s]) / abs(ref[s]) for s in steps]
+    worst = max(range(len(steps)), key=rel.__getitem__)
+    return {"steps": len(steps), "max_rel": round(rel[worst], 5), "at_step": steps[worst],
+            "mean_rel": round(sum(rel) / len(rel), 5), "final_ref": round(ref[steps[-1]], 4),
+            "final_run": round(run[steps[-1]], 4), "within_1pct": rel[worst] <= TOLERANCE}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="/tmp/llmft_runs", help="folder holding one folder per run (gpu.sh's RUNS)")
+    ap.add_argument("--ref", required=True, help="the reference run's name")
+    ap.add_argument("--names", nargs="+", required=True, help="runs to compare with it")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    runs, out = Path(args.runs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for name in [args.ref, *args.names]:
+        plots = runs / name / "plots"
+        try:
+            curves[name] = {kind: read(plots / f"{kind}_loss.csv") for kind in ("train", "eval")}
+        except FileNotFoundError as e:
+            raise SystemExit(f"loss_equivalence: run {name!r} has no curve: {e.filename} (did its train stage finish?)")
+    res = {"ref": args.ref, "tolerance": TOLERANCE,
+           "runs": {n: {k: compare(curves[args.ref][k], curves[n][k]) for k in ("train", "eval")} for n in args.names}}
+    (out / "loss_equivalence.json").write_text(json.dumps(res, indent=1) + "\n")
+    for n, r in res["runs"].items():
+        print(f"RESULT {n} vs {args.ref}: train max {r['train'].get('max_rel', 0):.2%} (mean "
+              f"{r['train'].get('mean_rel', 0):.2%}), validation max {r['eval'].get('max_rel', 0):.2%}", flush=True)
+    plot(curves, args.ref, args.names, out / "loss_equivalence.png")
+
+
+def plot(curves, ref, names, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col", gridspec_kw={"height_ratios": [3, 2]})
+    for col, kind in enumerate(("train", "eval")):
+        top, bottom = axes[0][col], axes[1][col]
+        for name in [ref, *names]:
+            pts = sorted(curves[name][kind].items())
+            top.plot([s for s, _ in pts], [v for _, v in pts], label=name, lw=2.2 if name == ref else 1.1,
+                     color="black" if name == ref else None, marker="o" if kind == "eval" else None, ms=3)
+            if name != ref:
+                base = curves[ref][kind]
+                steps = sorted(set(base) & set(curves[name][kind]))
+                bottom.plot(steps, [100 * (curves[name][kind][s] - base[s]) / base[s] for s in steps], label=name)
+        top.set_title(f"{'training' if kind == 'train' else 'validation'} loss")
+        top.legend(fontsize=8)
+        for y in (-100 * TOLERANCE, 100 * TOLERANCE):
+            bottom.axhline(y, color="grey", ls="--", lw=0.8)
+        bottom.axhline(0, color="black", lw=0.6)
+        bottom.set_ylabel(f"% vs {ref}")
+        bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
