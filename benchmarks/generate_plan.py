@@ -44,10 +44,20 @@ def main():
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--free-gb", type=float, default=125.0, help="free GPU memory when a bucket is sized")
+    ap.add_argument("--answer-set", metavar="JSON", help="instead: AlpacaEval's prompts from this file "
+                    "(`generate_fast_bench.py prompts`), as evaluate renders them; use --max-new-tokens 1024")
     args = ap.parse_args()
     tok = load_tokenizer(args.model)
-    rows = [r["prompt"] for r in load_rows(args.data, None)]
-    lengths = [len(x) for x in tok((rows * (args.prompts // len(rows) + 1))[:args.prompts]).input_ids]
+    if args.answer_set:
+        import json
+
+        from llmft.templates import render_prompt
+
+        texts = [render_prompt("alpaca", [(q, None)]) for q in json.loads(Path(args.answer_set).read_text())["alpaca_eval"]]
+    else:
+        rows = [r["prompt"] for r in load_rows(args.data, None)]
+        texts = (rows * (args.prompts // len(rows) + 1))[:args.prompts]
+    lengths = [len(x) for x in tok(texts).input_ids]
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, fast=True)
     per_token = KV_BYTES + 6 * MLP * 2  # as batch_rows counts a row
 
