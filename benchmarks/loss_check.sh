@@ -31,7 +31,9 @@ COMMON="model.random_init=false paths.data=${DATA:-.bench/dolly_split} paths.bas
 for name in $CONFIGS; do
   # shellcheck disable=SC2086  # the overrides are words
   bash benchmarks/gpu.sh llmft "$name" $COMMON ${SWITCHES[$name]}
+  # the curves into $RES at once, flat: a call cut short still brings back the runs that finished
+  mkdir -p "$RES/curves/$name" && cp "${RUNS:-/tmp/llmft_runs}/$name"/plots/*_loss.csv "$RES/curves/$name/"
 done
 names=$(for n in $CONFIGS; do [ "$n" != ref ] && echo "$n"; done)
 # shellcheck disable=SC2086
-python3 benchmarks/loss_equivalence.py --runs "${RUNS:-/tmp/llmft_runs}" --ref ref --names $names --out "$RES"
+python3 benchmarks/loss_equivalence.py --runs "$RES/curves" --ref ref --names $names --out "$RES"

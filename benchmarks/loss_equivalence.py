@@ -2,7 +2,10 @@
 
     python benchmarks/loss_equivalence.py --runs /tmp/llmft_runs --ref ref --names liger compile fastest --out DIR
 
-Each run is a `train` stage's output as `gpu.sh llmft NAME` leaves it: RUNS/NAME/plots/{train,eval}_loss.csv.
+Each run's curves are its `train` stage's CSVs, RUNS/NAME/{train,eval}_loss.csv (loss_check.sh copies them there
+from the stage's plots folder). With --from-log, the training curves are read instead from the stage's progress
+lines in loss_check.sh's own log (the loss after each step, 3 decimals; no validation curve): for a device call
+cut short before the CSVs came back.
 For every name, at the steps both runs logged: the largest and the mean relative difference |run - ref| / ref,
 for training loss (per logged step) and validation loss (per evaluation), and the final values. Writes
 DIR/loss_equivalence.json and DIR/loss_equivalence.png (curves above, relative difference in % below).
@@ -23,6 +26,16 @@ def read(path: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
+def from_log(path: Path) -> dict[str, dict[int, float]]:
+    """{run: {step: loss}} from the progress bars of `train: starting; MLflow run bench-NAME` sections."""
+    import re
+
+    text = path.read_text().replace("\r", "\n")
+    parts = re.split(r"train: starting; MLflow run bench-(\S+)", text)
+    return {name: {int(m[1]): float(m[2]) for m in re.finditer(r"\| *(\d+)/\d+ \[[^\]]*, loss=([0-9.]+)", body)}
+            for name, body in zip(parts[1::2], parts[2::2])}
+
+
 def compare(ref: dict[int, float], run: dict[int, float]) -> dict:
     steps = sorted(set(ref) & set(run))
     if not steps:
@@ -36,26 +49,33 @@ def compare(ref: dict[int, float], run: dict[int, float]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", default="/tmp/llmft_runs", help="folder holding one folder per run (gpu.sh's RUNS)")
+    ap.add_argument("--runs", default="/tmp/loss_check/curves", help="folder holding one folder of CSVs per run")
     ap.add_argument("--ref", required=True, help="the reference run's name")
     ap.add_argument("--names", nargs="+", required=True, help="runs to compare with it")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--from-log", metavar="LOG", help="read training curves from loss_check.sh's log instead")
     args = ap.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
+    logged = from_log(Path(args.from_log)) if args.from_log else None
     for name in [args.ref, *args.names]:
-        plots = runs / name / "plots"
+        if logged is not None:
+            if name not in logged:
+                raise SystemExit(f"loss_equivalence: {args.from_log} has no progress lines of run {name!r}")
+            curves[name] = {"train": logged[name], "eval": {}}
+            continue
         try:
-            curves[name] = {kind: read(plots / f"{kind}_loss.csv") for kind in ("train", "eval")}
+            curves[name] = {kind: read(runs / name / f"{kind}_loss.csv") for kind in ("train", "eval")}
         except FileNotFoundError as e:
             raise SystemExit(f"loss_equivalence: run {name!r} has no curve: {e.filename} (did its train stage finish?)")
     res = {"ref": args.ref, "tolerance": TOLERANCE,
            "runs": {n: {k: compare(curves[args.ref][k], curves[n][k]) for k in ("train", "eval")} for n in args.names}}
     (out / "loss_equivalence.json").write_text(json.dumps(res, indent=1) + "\n")
     for n, r in res["runs"].items():
-        print(f"RESULT {n} vs {args.ref}: train max {r['train'].get('max_rel', 0):.2%} (mean "
-              f"{r['train'].get('mean_rel', 0):.2%}), validation max {r['eval'].get('max_rel', 0):.2%}", flush=True)
+        said = [f"{kind} max {r[kind]['max_rel']:.2%} (mean {r[kind]['mean_rel']:.2%}, {r[kind]['steps']} points)"
+                if r[kind]["steps"] else f"no {kind} curve" for kind in ("train", "eval")]
+        print(f"RESULT {n} vs {args.ref}: " + ", ".join(said), flush=True)
     plot(curves, args.ref, args.names, out / "loss_equivalence.png")
 
 
@@ -65,8 +85,10 @@ def plot(curves, ref, names, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col", gridspec_kw={"height_ratios": [3, 2]})
-    for col, kind in enumerate(("train", "eval")):
+    kinds = [k for k in ("train", "eval") if curves[ref][k]]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 6), sharex="col", squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for col, kind in enumerate(kinds):
         top, bottom = axes[0][col], axes[1][col]
         for name in [ref, *names]:
             pts = sorted(curves[name][kind].items())

@@ -138,6 +138,30 @@ def test_rounds_with_nothing_queued_go_on_in_the_same_cache(model_tok, monkeypat
     assert fresh == [True, False, False]  # 24 new tokens in rounds of 8
 
 
+def test_attention_reads_only_the_slots_the_text_has_reached(model_tok, monkeypatch):
+    """One batch, rounds of 8 tokens in the same cache: each round's layers see a prefix of the static cache that
+    holds the text so far plus the round's tokens, rounded up to bucket_tokens, growing to the whole cache only at
+    the end; the answers are still plain generate's."""
+    model, tok = model_tok
+    views = []
+    real_view = generate._view
+
+    def spy(cache, n):
+        real_view(cache, n)
+        views.append((n, cache.full[0][0].shape[2], cache.layers[0].keys.shape[2]))
+
+    monkeypatch.setattr(generate, "_view", spy)
+    prompts = _prompts()[:3]
+    plain, fast = _both(model, tok, prompts, fast_batch_size=3)
+    assert fast == plain
+    width = max(len(x) for x in tok(prompts).input_ids)
+    assert len(views) == 3  # 24 new tokens in rounds of 8
+    for r, (n, full, seen) in enumerate(views):
+        assert seen == n and n % 16 == 0 and n <= full
+        assert n >= width + 8 * (r + 1) > n - 16  # room for this round's tokens, no more than a bucket beyond
+    assert views[0][0] < views[-1][0] and views[0][0] < views[0][1]
+
+
 def test_a_refill_waits_until_an_eighth_of_the_slots_are_free(monkeypatch):
     """Batch 16, 20 prompts: the first row to finish leaves its slot idle and the rest go on in the same cache; when
     a second finishes, queued prompts take both slots in a fresh round. Scripted rounds (no model): the schedule

@@ -376,14 +376,16 @@ class GenerationConfig:
     """Most rows decoded together on the fast path (a bucket's prompts are spread evenly over as few batches as
     that allows); 0: as many as the free GPU memory holds (KV cache and prefill bytes per token x (bucket +
     max_new_tokens) per row, capped at 256), or `batch_size` on CPU."""
-    bucket_tokens: int = 256
+    bucket_tokens: int = 128
     """Fast path: prompt lengths are rounded up to a multiple of this; each rounded length is one cache length.
-    Larger means fewer buckets but more padding. Compiles do not grow with buckets: after the first two shapes
-    the compiled decode step is dynamic in rows and cache length."""
-    refill_tokens: int = 256
+    Within a round, attention reads only the cache's first slots up to the text so far plus the round, rounded up
+    to this. Larger means fewer buckets but more padding and more unused slots read. Compiles do not grow with
+    buckets: after the first shapes the compiled decode step is dynamic in rows and cache length."""
+    refill_tokens: int = 128
     """Fast path: new tokens per round. After a round, rows that finished leave; once an eighth of the slots are
     free, queued prompts take them and every row's text is read again (one prefill); until then the rows go on in
-    the same cache. Smaller frees slots sooner but prefills more."""
+    the same cache, reading a longer part of it. Smaller frees slots sooner and reads fewer unused slots, but
+    costs a `generate` call per round and prefills more."""
 
     def _checks(self) -> Check:
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"
