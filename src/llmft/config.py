@@ -261,6 +261,11 @@ class TrainConfig:
     """Fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs liger-kernel + CUDA."""
     torch_compile: bool = False
     """torch.compile the model."""
+    fp8: bool = False
+    """The frozen base projections multiply in FP8 (forward and input gradient; per-tensor dynamic scales, E4M3
+    activations, E5M2 gradients; llmft/fp8.py); LoRA, norms, attention, lm_head, loss and optimizer unchanged. Needs
+    a GPU with compute capability 8.9+ (H100, H200, L40S); not with QLoRA or FSDP. Loss stays close to bf16 but not
+    equal: see benchmarks/README.md for the measured difference."""
     max_train_rows: Optional[int] = None
     """Use only the first N training rows (quick runs); null uses all."""
     max_eval_rows: Optional[int] = None
@@ -291,6 +296,8 @@ class TrainConfig:
         yield "dataloader_workers", self.dataloader_workers >= 0, "must be >= 0"
         yield ("lr_scheduler", *_one_of(self.lr_scheduler, LR_SCHEDULERS, "scheduler"))
         yield ("optim", *_one_of(self.optim, OPTIMIZERS, "optimizer"))
+        # a 4-bit base has no bf16 nn.Linear to cast, and QLoRA already cut the base's bytes more than FP8 would
+        yield "fp8", not (self.fp8 and self.qlora.enabled), "cannot be combined with train.qlora.enabled=true"
         a = self.attn_implementation
         if a is not None and "/" not in a:
             yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))

@@ -281,6 +281,14 @@ def build_trainer(cfg: Config):
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, peft_config=lora)
+    if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
+        from . import fp8
+
+        if fsdp:
+            raise LlmftError("train.fp8=true is not supported under FSDP: each process would cast and keep the "
+                             "whole base in FP8. Train on one GPU (or DDP), or set train.fp8=false.")
+        fp8.check_device()
+        print(f"train: train.fp8: {fp8.convert(trainer.model)} frozen projections multiply in FP8")
     if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())

@@ -1,0 +1,79 @@
+"""`train.fp8`: the frozen base projections multiply in FP8, forward and input gradient; everything else as before.
+
+LoRA's A and B, norms, attention, lm_head, the loss and the optimizer keep their dtypes. Scaling is per tensor
+and dynamic, torchao's "tensorwise" float8 recipe: an activation is cast to E4M3 and an incoming gradient to
+E5M2 (wider range, less precision), each scaled by its own absolute maximum at every call. The weights are frozen,
+so they are cast once, and kept twice (W and its transpose): the FP8 GEMM (`torch._scaled_mm`) wants its second
+operand column-major, and the backward multiplies by W where the forward multiplies by W^T. torchao's Float8Linear
+is not used because it also computes a weight gradient, a third of the GEMM FLOPs, for weights that take none.
+"""
+from __future__ import annotations
+
+import torch
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _cast(t: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / scale in `dtype`, scale), scale = amax / the dtype's largest value, as float32 (what _scaled_mm takes)."""
+    scale = t.abs().amax().float().clamp(min=1e-12) / torch.finfo(dtype).max
+    return (t.float() / scale).to(dtype), scale
+
+
+def _mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, a_dtype) -> torch.Tensor:
+    """a @ b in FP8, `a` (any leading dims) cast now, `b8` already cast (column-major); rows padded to 16."""
+    rows = a.reshape(-1, a.shape[-1])
+    pad = -rows.shape[0] % 16  # _scaled_mm needs every dimension divisible by 16; zero rows leave amax alone
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+    a8, a_scale = _cast(rows, a_dtype)
+    out = torch._scaled_mm(a8, b8, scale_a=a_scale, scale_b=b_scale, out_dtype=a.dtype)
+    return out[:out.shape[0] - pad].reshape(*a.shape[:-1], b8.shape[1])
+
+
+class _FrozenFP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, w8_t, w_scale):
+        ctx.save_for_backward(w8_t, w_scale)
+        return _mm(x, w8.t(), w_scale, E4M3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8_t, w_scale = ctx.saved_tensors
+        return _mm(grad, w8_t.t(), w_scale, E5M2), None, None, None
+
+
+def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = _FrozenFP8Linear.apply(x, layer.fp8_weight, layer.fp8_weight_t, layer.fp8_scale)
+    return y if layer.bias is None else y + layer.bias
+
+
+def convertible(model) -> list[tuple[str, torch.nn.Linear]]:
+    """The frozen linear layers to convert: every nn.Linear without a trainable weight, both sides divisible by 16,
+    except the output embedding (the logits and the loss stay in full precision)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(name, m) for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and m is not head and not m.weight.requires_grad
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+
+
+def convert(model) -> int:
+    """Make the frozen projections multiply in FP8 (in place); returns how many were converted. The bf16 weights
+    stay where they are (merging and saving read them); the FP8 copies are plain attributes, not in state_dict."""
+    layers = convertible(model)
+    for _, m in layers:
+        with torch.no_grad():
+            w8, scale = _cast(m.weight, E4M3)
+        m.fp8_weight, m.fp8_weight_t, m.fp8_scale = w8, w8.t().contiguous(), scale
+        m.forward = _forward.__get__(m)
+    return len(layers)
+
+
+def check_device() -> None:
+    """FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); CPUs run them slowly (tests)."""
+    from .config import LlmftError
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        raise LlmftError(f"train.fp8=true needs a GPU with FP8 matmuls (compute capability 8.9+: L4, L40S, H100, H200); "
+                         f"this {name} is {cap[0]}.{cap[1]}. Set train.fp8=false.")

@@ -1,0 +1,46 @@
+"""train.fp8's FP8 matmul for frozen projections: close to full precision, not equal, and no weight gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmft import fp8
+from llmft.config import LlmftError, load_config
+
+
+def _rel(a, b) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def test_frozen_projection_in_fp8_is_close_forward_and_backward_and_gets_no_weight_grad():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False), torch.nn.Linear(128, 64))
+    model[0].weight.requires_grad_(False)  # frozen: converted; the trainable second layer is left alone
+    x = torch.randn(3, 21, 256, requires_grad=True)  # 63 rows: padded to 64 for the FP8 GEMM
+    ref = model[0](x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert [n for n, _ in fp8.convertible(model)] == ["0"]
+    assert fp8.convert(model) == 1
+    out = model[0](x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    assert out.shape == ref.shape and g.shape == x.shape
+    # E4M3 carries 3 mantissa bits: a few % apart, never equal (an unconverted layer would give 0)
+    assert 1e-3 < _rel(out, ref) < 0.08
+    assert 1e-3 < _rel(g, g_ref) < 0.15
+    assert model[0].weight.grad is None and "fp8_weight" not in model.state_dict() and "0.fp8_weight" not in model.state_dict()
+    assert model[1].forward.__func__ is torch.nn.Linear.forward
+
+
+def test_output_embedding_and_odd_shapes_stay_in_full_precision(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.requires_grad_(False)
+    names = [n for n, _ in fp8.convertible(model)]
+    layers = model.config.num_hidden_layers
+    assert len(names) == 7 * layers and "lm_head" not in names  # q, k, v, o, gate, up, down per layer
+
+
+def test_fp8_with_qlora_fails_at_load():
+    with pytest.raises(LlmftError, match="train.fp8.*qlora"):
+        load_config("none.yaml", ["train.fp8=true", "train.qlora.enabled=true"])
