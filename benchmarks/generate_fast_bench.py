@@ -12,7 +12,7 @@ every row runs all 256 (new tokens are counted exactly). Then agreement: the fas
 32 prompts, token for token, and the same comparison on the tiny fp32 model with the compiled step (must be equal).
 `answers`: what `evaluate` generates, timed end to end: AlpacaEval's 805 prompts, MT-Bench turn 1 (80), then turn 2
 (80, each holding its turn-1 answer), at max_new_tokens 1024; `--side tuned` adds a random LoRA adapter
-(r=16, all linear layers, unmerged, as evaluate loads it).
+(r=16, all linear layers) and generates with it merged, as evaluate does on a GPU (`--unmerged`: as before).
 """
 from __future__ import annotations
 
@@ -180,10 +180,16 @@ def answers(args):
         print("RESULT", json.dumps(res["parts"][-1]), flush=True)
         return out
 
+    import contextlib
+
+    from llmft.generate import merged
+
     t0 = time.perf_counter()
-    part("alpaca_eval", [[(q, None)] for q in data["alpaca_eval"]])
-    first = part("mt_bench_turn1", [[(t[0], None)] for t in data["mt_bench"]])
-    part("mt_bench_turn2", [[(t[0], a), (t[1], None)] for t, a in zip(data["mt_bench"], first)])
+    res["merged"] = args.side == "tuned" and not args.unmerged
+    with merged(model) if res["merged"] else contextlib.nullcontext():  # as evaluate's candidates.generate
+        part("alpaca_eval", [[(q, None)] for q in data["alpaca_eval"]])
+        first = part("mt_bench_turn1", [[(t[0], None)] for t in data["mt_bench"]])
+        part("mt_bench_turn2", [[(t[0], a), (t[1], None)] for t, a in zip(data["mt_bench"], first)])
     total = time.perf_counter() - t0
     n = sum(p["new_tokens"] for p in res["parts"])
     res["total"] = {"seconds": round(total, 1), "new_tokens": n, "new_tokens_per_s": round(n / total)}
@@ -207,6 +213,7 @@ def main():
     sub.choices["speed"].add_argument("--fast-only", action="store_true",
                                       help="only the fast runs: no plain baseline, agreement or tiny-model check")
     sub.choices["answers"].add_argument("--side", choices=["base", "tuned"], default="base")
+    sub.choices["answers"].add_argument("--unmerged", action="store_true", help="tuned: keep the adapter unmerged")
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
     args = ap.parse_args()

@@ -4,6 +4,7 @@ Used in process by `evaluate` and inside the served MLflow model, so both produc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Optional
@@ -38,6 +39,42 @@ def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None,
     tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     return model, tok
+
+
+@contextlib.contextmanager
+def merged(model):
+    """The model's LoRA adapter merged into its base weights for the block, then the base weights put back exactly.
+
+    Unmerged, every decode step runs two small matmuls per adapted layer beside the base one: on an H200 the tuned
+    7B answer set took 541 s against the base model's 284 s. Merged, the tuned model decodes as the base does.
+    Unmerging alone would not give the base back: (W + BA) - BA in bf16 rounds, and evaluate answers for the base
+    with the same weights. So the base weights are copied to host memory first and copied back after; when host
+    memory cannot hold twice their size, or the adapter is disabled, already merged or not over plain linear layers,
+    the block runs unmerged."""
+    import psutil
+    import torch
+
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft absent: nothing to merge
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    bases = [m.get_base_layer() for m in layers]
+    size = sum(b.weight.numel() * b.weight.element_size() for b in bases)
+    if (not layers or any(m.disable_adapters or m.merged for m in layers)
+            or any(type(b) is not torch.nn.Linear for b in bases) or psutil.virtual_memory().available < 2 * size):
+        yield model
+        return
+    saved = [b.weight.detach().to("cpu", copy=True) for b in bases]
+    model.base_model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.base_model.unmerge_adapter()
+        with torch.no_grad():
+            for b, w in zip(bases, saved):
+                b.weight.copy_(w)
 
 
 def generate(model, tok, prompts: list[str], gen: GenerationConfig, desc: str = "generating",
