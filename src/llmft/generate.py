@@ -53,12 +53,8 @@ def merged(model):
     the block runs unmerged."""
     import psutil
     import torch
+    from peft.tuners.lora import LoraLayer
 
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft absent: nothing to merge
-        yield model
-        return
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     bases = [m.get_base_layer() for m in layers]
     size = sum(b.weight.numel() * b.weight.element_size() for b in bases)
