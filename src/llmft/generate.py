@@ -325,8 +325,8 @@ def _view(cache, n: int) -> None:
     used or not: a row of AlpacaEval holds ~600 tokens on average in a 1,280-slot cache. A view that grows with the
     text, rounded up to a bucket so the compiled step meets few lengths: at 7B on an H200 the short Dolly prompts
     decoded at 10.4k new tok/s this way (buckets and rounds of 128), 8.3k with whole caches (buckets and rounds of
-    256; benchmarks/README.md, "Generation"). The view starts at the buffer's
-    start, so the tensors keep their address (the CUDA graphs' static inputs)."""
+    256; benchmarks/README.md, "Generation"). The view starts at the buffer's start, so the tensors keep their
+    address (the CUDA graphs' static inputs)."""
     import torch
 
     if cache.full is None:

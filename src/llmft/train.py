@@ -242,6 +242,13 @@ def build_trainer(cfg: Config):
                          "which FSDP2 cannot shard (every GPU would hold the whole quantised base), and QLoRA+FSDP is "
                          "untested here. Train QLoRA on one GPU without accelerate's FSDP config, or plain LoRA under "
                          "FSDP (train.qlora.enabled=false).")
+    if fsdp and tc.fp8:
+        raise LlmftError("train.fp8=true is not supported under FSDP: each process would cast and keep the whole "
+                         "base in FP8. Train on one GPU (or DDP), or set train.fp8=false.")
+    if tc.fp8:  # before the base is loaded: a GPU without FP8 matmuls fails in a second, not after minutes
+        from .fp8 import check_device
+
+        check_device()
     if fsdp and not torch.cuda.is_available():
         _fsdp_on_cpu()
     precision = _precision(tc)
@@ -284,10 +291,6 @@ def build_trainer(cfg: Config):
     if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
         from . import fp8
 
-        if fsdp:
-            raise LlmftError("train.fp8=true is not supported under FSDP: each process would cast and keep the "
-                             "whole base in FP8. Train on one GPU (or DDP), or set train.fp8=false.")
-        fp8.check_device()
         print(f"train: train.fp8: {fp8.convert(trainer.model)} frozen projections multiply in FP8")
     if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
         trainer.remove_callback(ProgressCallback)
