@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Issue 16's speed call (device, carry [".whl", ".bench"]): the seed-style baseline, the fastest bf16
-# configuration and the same with train.fp8, in one call (about 9 minutes).
-#   timeout 590 bash benchmarks/phase16.sh          # results in $OUT (or $RES)
-export RES=${RES:-${OUT:-/tmp/res}}
+# Issue 16's speed call (device, carry [".whl", ".bench"]): the seed-style baseline and the chosen `train` stage
+# variants in one call. Each compiled variant takes about 2.5 minutes (most of it compiling).
+#   timeout 590 bash benchmarks/phase16.sh                       # results in $OUT (or $RES)
+#   VARIANTS="fp8_fused compile_fused" STEPS=30 timeout 590 bash benchmarks/phase16.sh
+# Call 1 (2026-12-02) ran VARIANTS="compile_flex_bs4 fp8_compile_flex_bs4" STEPS=22.
+export RES=${RES:-${OUT:-/tmp/res}} TORCH_LOGS=${TORCH_LOGS-recompiles}  # a recompile inside the timed steps shows
 mkdir -p "$RES"
 bash benchmarks/gpu.sh env > /dev/null
+# The fastest layout so far (packing 2048, flex attention, dropout 0, batch 4, compiled); the variants add to it.
 F="train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0
-   train.use_liger_kernel=true train.torch_compile=true train.batch_size=4 train.max_steps=22"
-L="bash benchmarks/gpu.sh llmft"
-timeout 120 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
-# shellcheck disable=SC2086  # the overrides are words
-timeout 200 $L compile_flex_bs4 $F
-# shellcheck disable=SC2086
-timeout 200 $L fp8_compile_flex_bs4 $F train.fp8=true
+   train.torch_compile=true train.batch_size=4 train.max_steps=${STEPS:-30}"
+declare -A V=(
+  [compile_flex_bs4]="train.use_liger_kernel=true"
+  [fp8_compile_flex_bs4]="train.use_liger_kernel=true train.fp8=true"
+  [compile_fused]="train.use_liger_kernel=true train.optim=adamw_torch_fused"
+  [fp8_fused]="train.use_liger_kernel=true train.optim=adamw_torch_fused train.fp8=true"
+  [fp8_fused_noliger]="train.optim=adamw_torch_fused train.fp8=true"
+  [compile_fused_noliger]="train.optim=adamw_torch_fused"
+)
+timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
+for name in ${VARIANTS:-fp8_fused compile_fused fp8_fused_noliger}; do
+  # shellcheck disable=SC2086  # the overrides are words
+  timeout "${EACH_S:-160}" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+done
 grep -h "^RESULT" "$RES"/*.log
