@@ -39,3 +39,5 @@ done
 names=$(for n in $CONFIGS; do [ "$n" != ref ] && echo "$n"; done)
 # shellcheck disable=SC2086
 python3 benchmarks/loss_equivalence.py --runs "$RES/curves" --ref ref --names $names --out "$RES"
+# a device call brings back about 8 files (the curves and the plot were left out on 2026-12-02): one archive
+tar czf "$RES/curves.tgz" -C "$RES" curves loss_equivalence.png && rm -rf "$RES/curves" "$RES/loss_equivalence.png"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 16's speed call (device, carry [".whl", ".bench"]): the seed-style baseline and the chosen `train` stage
-# variants in one call. Each compiled variant takes about 2.5 minutes (most of it compiling).
+# variants in one call. A compiled variant takes 1.5-3 minutes, most of it compiling (the FP8 one's first step
+# compiled for 19-88 s in the calls of 2026-12-02): EACH_S (default 240) must cover it.
 #   timeout 590 bash benchmarks/phase16.sh                       # results in $OUT (or $RES)
 #   VARIANTS="fp8_fused compile_fused" STEPS=30 timeout 590 bash benchmarks/phase16.sh
-# Call 1 (2026-12-02) ran VARIANTS="compile_flex_bs4 fp8_compile_flex_bs4" STEPS=22.
+# Call 1 (2026-12-02) ran VARIANTS="compile_flex_bs4 fp8_compile_flex_bs4" STEPS=22; call 2 the default list with
+# EACH_S=165, which cut both FP8 runs while they compiled (results/phase16b).
 export RES=${RES:-${OUT:-/tmp/res}} TORCH_LOGS=${TORCH_LOGS-recompiles}  # a recompile inside the timed steps shows
 mkdir -p "$RES"
 bash benchmarks/gpu.sh env > /dev/null
@@ -21,6 +23,9 @@ declare -A V=(
 timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
 for name in ${VARIANTS:-fp8_fused compile_fused fp8_fused_noliger}; do
   # shellcheck disable=SC2086  # the overrides are words
-  timeout "${EACH_S:-160}" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+  timeout "${EACH_S:-240}" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+  # a run cut by its timeout writes no log of its own: keep the tail of the raw one (what it was compiling)
+  [ -s "$RES/llmft_$name.log" ] || tr '\r' '\n' < "${RUNS:-/tmp/llmft_runs}/$name/log" | grep -v "^W12" \
+    | tail -c 100000 > "$RES/llmft_$name.killed.log"
 done
 grep -h "^RESULT" "$RES"/*.log
