@@ -32,17 +32,16 @@ def rowwise_forward(layer, x):
 
 
 def convert(model, scaling: str, keep: str | None) -> int:
-    layers = [(n, m) for n, m in fp8.convertible(model) if not (keep and re.search(keep, n))]
-    if scaling == "tensorwise":  # llmft's own conversion, restricted to the chosen layers
-        for _, m in layers:
-            w8, s = fp8._cast(m.weight, fp8.E4M3)
-            m.fp8_weight, m.fp8_weight_t, m.fp8_scale = w8, w8.t().contiguous(), s
-            m.forward = fp8._forward.__get__(m)
-    else:
-        for _, m in layers:
-            scale = m.weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8.E4M3).max
-            m.w8_rows, m.w_scales = (m.weight.float() / scale).to(fp8.E4M3), scale
-            m.forward = rowwise_forward.__get__(m)
+    kept = [m for n, m in fp8.convertible(model) if keep and re.search(keep, n)]
+    if scaling == "tensorwise":  # llmft's own conversion; it skips trainable layers, so the kept ones are made so
+        for m in kept:
+            m.weight.requires_grad_(True)
+        return fp8.convert(model)
+    layers = [m for _, m in fp8.convertible(model) if m not in kept]
+    for m in layers:
+        scale = m.weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8.E4M3).max
+        m.w8_rows, m.w_scales = (m.weight.float() / scale).to(fp8.E4M3), scale
+        m.forward = rowwise_forward.__get__(m)
     return len(layers)
 
 
