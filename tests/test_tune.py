@@ -151,9 +151,11 @@ def test_bad_search_space_fails_at_load(tmp_path):
 
 def _tune_cli(root, model, uri, *extra, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a suite started in the background (`make test &`) inherits SIGINT
+    # ignored, and Python then installs no Ctrl-C handler, so the Ctrl-C test would see a study that never stops
     return subprocess.Popen([sys.executable, "-m", "llmft", "tune", *overrides(root, model, uri), *extra], env=env,
                             cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for_checkpoint(proc, ckpt: Path) -> None:
