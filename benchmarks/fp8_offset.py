@@ -21,12 +21,15 @@ from llmft import fp8
 from llmft.models import materialise_embedded
 
 
+def cast_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t in E4M3 with one scale per row (fp8._cast has one per tensor), and those scales, as a column."""
+    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8.E4M3).max
+    return (t.float() / scale).to(fp8.E4M3), scale
+
+
 def rowwise_forward(layer, x):
     """x @ W^T with one scale per row of x and per row of W (E4M3 both)."""
-    def cast(t):
-        scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8.E4M3).max
-        return (t.float() / scale).to(fp8.E4M3), scale
-    a8, sa = cast(x.reshape(-1, x.shape[-1]))
+    a8, sa = cast_rows(x.reshape(-1, x.shape[-1]))
     out = torch._scaled_mm(a8, layer.w8_rows.t(), scale_a=sa, scale_b=layer.w_scales.t(), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], -1)
 
@@ -39,8 +42,7 @@ def convert(model, scaling: str, keep: str | None) -> int:
         return fp8.convert(model)
     layers = [m for _, m in fp8.convertible(model) if m not in kept]
     for m in layers:
-        scale = m.weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(fp8.E4M3).max
-        m.w8_rows, m.w_scales = (m.weight.float() / scale).to(fp8.E4M3), scale
+        m.w8_rows, m.w_scales = cast_rows(m.weight)  # one scale per output channel
         m.forward = rowwise_forward.__get__(m)
     return len(layers)
 
