@@ -20,12 +20,15 @@ declare -A SWITCHES=(
   [ref]=""
   [liger]="train.use_liger_kernel=true"
   [compile]="train.torch_compile=true"
-  [fastest]="train.use_liger_kernel=true train.torch_compile=true"
+  [liger_compile]="train.use_liger_kernel=true train.torch_compile=true"  # "fastest" until 2026-12-02's second session
+  [fused_lora]="train.fused_lora=true"
+  [overlap]="train.overlap_steps=true"
+  [fastest]="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true"
   [fp8]="train.fp8=true"
-  [fastest_fp8]="train.use_liger_kernel=true train.torch_compile=true train.fp8=true"
+  [fastest_fp8]="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.fp8=true"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
-CONFIGS=${CONFIGS:-ref liger compile fastest fp8 fastest_fp8 sdpa_nopack}
+CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}
 COMMON="model.random_init=false paths.data=${DATA:-.bench/dolly_split} paths.base_cache=/tmp/hop/base
   train.max_steps=$STEPS train.eval_steps=5 train.logging_steps=1 train.max_eval_rows=null train.seed=42
   train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0

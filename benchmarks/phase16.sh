@@ -19,6 +19,10 @@ declare -A V=(
   [fp8_fused]="train.use_liger_kernel=true train.optim=adamw_torch_fused train.fp8=true"
   [fp8_fused_noliger]="train.optim=adamw_torch_fused train.fp8=true"
   [compile_fused_noliger]="train.optim=adamw_torch_fused"
+  # 2026-12-02, second session: the step without host waits, and LoRA's adds inside the GEMMs
+  [fast_bf16]="train.use_liger_kernel=true train.overlap_steps=true train.fused_lora=true"
+  [fast_fp8]="train.use_liger_kernel=true train.overlap_steps=true train.fused_lora=true train.fp8=true"
+  [overlap_bf16]="train.use_liger_kernel=true train.overlap_steps=true"
 )
 timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
 for name in ${VARIANTS:-fp8_fused compile_fused fp8_fused_noliger}; do

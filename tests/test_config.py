@@ -28,6 +28,9 @@ def test_project_params_load_and_every_key_is_documented():
     ("trian:\n  epochs: 1\n", r"p\.yaml:1: unknown key 'trian'"),
     ("train: [1, 2]\n", r"p\.yaml:1: 'train' must be a mapping"),
     ("train:\n  epochs: [\n", r"p\.yaml:\d+: invalid YAML"),
+    # the fused LoRA layer has no dropout path: asked with PEFT's default dropout, the file's line says so
+    ("train:\n  fused_lora: true\n  lora:\n    dropout: 0.05\n",
+     r"p\.yaml:2: 'train\.fused_lora' needs train\.lora\.dropout=0 \(it is 0\.05\)"),
 ])
 def test_bad_params_name_file_line_and_key(tmp_path, text, expected):
     (tmp_path / "p.yaml").write_text(text)

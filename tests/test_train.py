@@ -274,3 +274,33 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     assert low["eval_loss"] < low["initial_eval_loss"]
     assert abs(low["eval_loss"] - full["eval_loss"]) / full["eval_loss"] < 0.03
     assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "fp8")) > 0.0
+
+
+def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
+    """The two speed switches that do not change the math: the same curve, adapter and token count as without them
+    (fp32 on the CPU: only rounding apart), and the count saved in the checkpoints stays right though it is read
+    only at logging and checkpoint steps. logging_steps=2 and an epoch end leave steps where nothing is read."""
+    common = {"train.lora.dropout": 0.0, "train.lora.alpha": 24, "train.logging_steps": 2,
+              "train.max_steps": 7, "train.max_train_rows": 24}  # 6 steps an epoch: the 7th starts the next one
+    plain = run_train(tmp_path / "plain", tiny_model_dir, processed, tracking_uri, **common)
+    capsys.readouterr()
+    fast = run_train(tmp_path / "fast", tiny_model_dir, processed, tracking_uri, **common,
+                     **{"train.fused_lora": True, "train.overlap_steps": True})
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert f"train: train.fused_lora: {7 * layers} of {7 * layers} LoRA layers fused" in capsys.readouterr().out
+    for name in ("train_loss.csv", "eval_loss.csv"):
+        a, b = [csv_rows(t / "plots" / name) for t in (tmp_path / "plain", tmp_path / "fast")]
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
+        assert max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    moved = max(v.abs().max().item() for k, v in adapter(tmp_path / "plain").items() if "lora_B" in k)
+    assert 1e-4 < moved and max_diff(adapter(tmp_path / "plain"), adapter(tmp_path / "fast")) < 1e-3 * moved
+    assert fast["tokens_seen"] == plain["tokens_seen"] > 0 and fast["steady_tokens_per_s"] > 0
+    for ckpt in ("checkpoint-6", "checkpoint-7"):  # save_steps=3: the last two are kept
+        states = [json.loads((t / "ckpt" / ckpt / "trainer_state.json").read_text())
+                  for t in (tmp_path / "plain", tmp_path / "fast")]
+        assert states[0]["num_input_tokens_seen"] == states[1]["num_input_tokens_seen"] > 0
+
+
+def csv_rows(path: Path) -> list[tuple[int, float]]:
+    lines = path.read_text().splitlines()[1:]
+    return [(int(a), float(b)) for a, b in (line.split(",")[:2] for line in lines)]

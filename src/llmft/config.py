@@ -266,6 +266,14 @@ class TrainConfig:
     activations, E5M2 gradients; llmft/fp8.py); LoRA, norms, attention, lm_head, loss and optimizer unchanged. Needs
     a GPU with compute capability 8.9+ (H100, H200, L40S); not with QLoRA or FSDP. Loss stays close to bf16 but not
     equal: see benchmarks/README.md for the measured difference."""
+    fused_lora: bool = False
+    """Each LoRA projection adds its low-rank product inside the base output's GEMM (addmm) and scales on the rank-r
+    side, skipping PEFT's full-size add and gradient-scaling passes (llmft/fused_lora.py). The same math, rounded
+    once instead of twice. Needs train.lora.dropout=0, no DoRA, no LoRA bias and no QLoRA; composes with fp8."""
+    overlap_steps: bool = False
+    """The CPU queues the next step while the GPU runs this one: no per-step `.item()` (the training-batch entropy
+    and token-accuracy metrics, never logged by llmft, are left out; the token count is read at logging, evaluation
+    and checkpoint steps) and non-blocking batch copies (llmft/overlap.py). The same math."""
     max_train_rows: Optional[int] = None
     """Use only the first N training rows (quick runs); null uses all."""
     max_eval_rows: Optional[int] = None
@@ -298,6 +306,11 @@ class TrainConfig:
         yield ("optim", *_one_of(self.optim, OPTIMIZERS, "optimizer"))
         # a 4-bit base has no bf16 nn.Linear to cast, and QLoRA already cut the base's bytes more than FP8 would
         yield "fp8", not (self.fp8 and self.qlora.enabled), "cannot be combined with train.qlora.enabled=true"
+        if self.fused_lora:  # the fused layer has no dropout, DoRA or bias path; 4-bit base layers are PEFT's others
+            yield "fused_lora", self.lora.dropout == 0, f"needs train.lora.dropout=0 (it is {self.lora.dropout})"
+            yield "fused_lora", not self.lora.use_dora, "cannot be combined with train.lora.use_dora=true"
+            yield "fused_lora", self.lora.bias == "none", "needs train.lora.bias=none"
+            yield "fused_lora", not self.qlora.enabled, "cannot be combined with train.qlora.enabled=true"
         a = self.attn_implementation
         if a is not None and "/" not in a:
             yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))

@@ -245,6 +245,9 @@ def build_trainer(cfg: Config):
     if fsdp and tc.fp8:
         raise LlmftError("train.fp8=true is not supported under FSDP: each process would cast and keep the whole "
                          "base in FP8. Train on one GPU (or DDP), or set train.fp8=false.")
+    if fsdp and tc.fused_lora:
+        raise LlmftError("train.fused_lora=true is not supported under FSDP (untested with sharded adapters): set "
+                         "train.fused_lora=false, or train on one GPU or under DDP.")
     if tc.fp8:  # before the base is loaded: a GPU without FP8 matmuls fails in a second, not after minutes
         from .fp8 import check_device
 
@@ -262,6 +265,8 @@ def build_trainer(cfg: Config):
     lora = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
                       target_modules=tc.lora.target_modules, bias=tc.lora.bias, use_rslora=tc.lora.use_rslora,
                       use_dora=tc.lora.use_dora, task_type="CAUSAL_LM")
+    from .overlap import OverlapSFTTrainer, trainer_args
+
     args = SFTConfig(
         output_dir=cfg.paths.checkpoints,
         num_train_epochs=tc.epochs, max_steps=tc.max_steps,
@@ -285,13 +290,19 @@ def build_trainer(cfg: Config):
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False if distributed else None,
+        **(trainer_args() if tc.overlap_steps else {}),
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=lora)
+    trainer = (OverlapSFTTrainer if tc.overlap_steps else SFTTrainer)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, peft_config=lora)
     if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
         from . import fp8
 
         print(f"train: train.fp8: {fp8.convert(trainer.model)} frozen projections multiply in FP8")
+    if tc.fused_lora:
+        from . import fused_lora
+
+        done, total = fused_lora.convert(trainer.model)
+        print(f"train: train.fused_lora: {done} of {total} LoRA layers fused")
     if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
@@ -345,14 +356,18 @@ class QuietProgress(ProgressCallback):
 
 
 class LossCurve(TrainerCallback):
-    """Streams train/validation loss to MLflow as it is logged; shows tokens/s in the progress bar."""
+    """Streams train/validation loss to MLflow as it is logged; shows tokens/s in the progress bar.
+
+    The steady rate is timed in windows that end where the loop waits for the GPU anyway (a logging, evaluation,
+    checkpoint or last step, an epoch end) and reopen when that work is done: the time in the windows is the training
+    loop's alone, data loading included, and no step is made to wait for the GPU to be timed (train.overlap_steps)."""
 
     WARMUP_STEPS = 2  # compile / autotune / allocator warm-up, left out of the steady-state rate
 
     def __init__(self, trainer, run_id_file: Path):
         self.trainer, self.run_id_file, self.run_id = trainer, run_id_file, None
         self.t0, self.tokens0 = time.time(), 0
-        self.step_start, self.step_tokens0 = 0.0, 0
+        self.window = (0.0, 0, 0)  # (perf_counter, tokens seen, steps seen) where the open window starts
         self.steady_time, self.steady_tokens, self.steps_seen = 0.0, 0, 0
 
     def previous_run_id(self, resume) -> str | None:
@@ -365,11 +380,39 @@ class LossCurve(TrainerCallback):
         self.run_id = run_id
         write_atomic(self.run_id_file, run_id + "\n")
 
+    def _open(self, state) -> None:
+        self.window = (time.perf_counter(), state.num_input_tokens_seen, self.steps_seen)
+
+    def _close(self, state) -> None:
+        """Wait for the GPU, bring the token count up to date, and add the window if it lies past the warm-up."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if hasattr(self.trainer, "flush_tokens"):
+            self.trainer.flush_tokens()
+        t, tokens, steps = self.window
+        if steps >= self.WARMUP_STEPS and self.steps_seen > steps:
+            self.steady_time += time.perf_counter() - t
+            self.steady_tokens += state.num_input_tokens_seen - tokens
+        self._open(state)
+
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
+        self._open(state)
 
     def on_epoch_end(self, args, state, control, **kw):
+        self._close(state)
         control.should_evaluate = True  # validation loss at every epoch end too, not only every eval_steps
+
+    def on_train_end(self, args, state, control, **kw):
+        self._close(state)  # a stop asked by another callback (tune's pruning) ends on an unflushed step
+
+    def on_evaluate(self, args, state, control, **kw):
+        self._open(state)
+
+    def on_save(self, args, state, control, **kw):
+        self._open(state)
 
     def tokens_per_s(self, state) -> float:
         return (state.num_input_tokens_seen - self.tokens0) / max(time.time() - self.t0, 1e-9)
@@ -378,18 +421,12 @@ class LossCurve(TrainerCallback):
         """Tokens/s of the optimizer steps alone (no validation, saving or warm-up): the speed to compare."""
         return self.steady_tokens / self.steady_time if self.steady_time > 0 else None
 
-    def on_step_begin(self, args, state, control, **kw):
-        self.step_start, self.step_tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
     def on_step_end(self, args, state, control, **kw):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         self.steps_seen += 1
-        if self.steps_seen > self.WARMUP_STEPS:
-            self.steady_time += time.perf_counter() - self.step_start
-            self.steady_tokens += state.num_input_tokens_seen - self.step_tokens0
+        # DefaultFlowCallback, which runs before this one, has set what follows this step
+        if (self.steps_seen == self.WARMUP_STEPS or control.should_log or control.should_evaluate
+                or control.should_save or control.should_training_stop):
+            self._close(state)
         if not state.is_world_process_zero:
             return
         losses = [h["loss"] for h in state.log_history[-3:] if "loss" in h]
@@ -399,6 +436,12 @@ class LossCurve(TrainerCallback):
                                             tok_s=f"{self.tokens_per_s(state):,.0f}", refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kw):
+        try:
+            self._log(state, logs)
+        finally:
+            self._open(state)  # the time to log is not training time
+
+    def _log(self, state, logs) -> None:
         if not self.run_id or not state.is_world_process_zero or not logs:
             return
         import mlflow
