@@ -7,8 +7,9 @@ It runs llmft's own stage, `llmft.train.train(cfg, callbacks=[...])`, with the o
 plus the fastest configuration of benchmarks/README.md (packing 2048, flex attention, LoRA dropout 0, Liger,
 batch 4, torch.compile; the key=value arguments replace or add to them). One extra callback:
   - skips the stage's step-0 validation and the epoch-end one (eval-mode compiles, outside any training step);
-  - times every step from one `on_step_end` to the next (the stage's own LossCurve callback synchronises CUDA
-    there, so each window holds exactly one step's GPU work, data loading and logging included);
+  - times every step from one `on_step_end` to the next (it synchronises CUDA there, so each window holds exactly
+    one step's GPU work, data loading and logging included; that per-step wait is what train.overlap_steps removes,
+    and under it the token count is read only at logging steps, so profile without it);
   - after --warmup steps (compile, recompiles for dynamic shapes) starts torch.profiler (CPU + CUDA activities,
     record_shapes) with one profiler warm-up step, records --active steps, then stops training.
 
@@ -529,7 +530,7 @@ def run(args, overrides):
             control.should_evaluate = False  # LossCurve asks for it; not needed here
 
         def on_step_end(self, a, state, control, **kw):
-            sync()  # LossCurve already did; cheap
+            sync()  # one step per window
             now = time.perf_counter()
             self.walls.append(now - self.last_end)
             self.tokens.append(state.num_input_tokens_seen - self.tokens_last)
