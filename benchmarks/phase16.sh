@@ -6,6 +6,9 @@
 #   VARIANTS="fp8_fused compile_fused" STEPS=30 timeout 590 bash benchmarks/phase16.sh
 # Call 1 (2026-12-02) ran VARIANTS="compile_flex_bs4 fp8_compile_flex_bs4" STEPS=22; call 2 the default list with
 # EACH_S=165, which cut both FP8 runs while they compiled (results/phase16b).
+# The afternoon's call ran VARIANTS="fast_fp8 fast_bf16 overlap_bf16" STEPS=30 EACH_S=200 (results/phase16d). The
+# default now puts the earlier fastest (compile_flex_bs4) last, beside the two new ones, to pin overlap_steps' gain
+# in one call; a new batch size recompiles from scratch and took over 200 s there.
 export RES=${RES:-${OUT:-/tmp/res}} TORCH_LOGS=${TORCH_LOGS-recompiles}  # a recompile inside the timed steps shows
 mkdir -p "$RES"
 bash benchmarks/gpu.sh env > /dev/null
@@ -25,7 +28,7 @@ declare -A V=(
   [overlap_bf16]="train.use_liger_kernel=true train.overlap_steps=true"
 )
 timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
-for name in ${VARIANTS:-fp8_fused compile_fused fp8_fused_noliger}; do
+for name in ${VARIANTS:-fast_fp8 fast_bf16 compile_flex_bs4}; do
   # shellcheck disable=SC2086  # the overrides are words
   timeout "${EACH_S:-240}" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
   # a run cut by its timeout writes no log of its own: keep the tail of the raw one (what it was compiling)
