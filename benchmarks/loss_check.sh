@@ -16,6 +16,8 @@ set -uo pipefail
 STEPS=${STEPS:-60}
 RES=${RES:-${OUT:-/tmp/loss_check}}
 export PYTHONPATH=/tmp/hop/site${PYTHONPATH:+:$PYTHONPATH} MODEL=embedded RES
+# every speed switch of the fastest configuration (configs/llama2-7b-lora.yaml)
+FASTEST="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true"
 declare -A SWITCHES=(
   [ref]=""
   [liger]="train.use_liger_kernel=true"
@@ -23,9 +25,9 @@ declare -A SWITCHES=(
   [liger_compile]="train.use_liger_kernel=true train.torch_compile=true"  # "fastest" until 2026-12-02's second session
   [fused_lora]="train.fused_lora=true"
   [overlap]="train.overlap_steps=true"
-  [fastest]="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true"
+  [fastest]="$FASTEST"
   [fp8]="train.fp8=true"
-  [fastest_fp8]="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.fp8=true"
+  [fastest_fp8]="$FASTEST train.fp8=true"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}
