@@ -434,7 +434,7 @@ def markdown(res: dict) -> str:
         f"{k} {v['tflop_per_step']:.1f} TFLOP/step at {v['achieved_tflop_s'] or 0:.0f} TFLOP/s"
         for k, v in a["gemm_flops_from_shapes"].items()))
     lines += ["", "| top kernels | class | ms / step | calls / step | mean µs | % of step |", "|---|---|---:|---:|---:|---:|"]
-    for k in a["top_kernels"][:15]:
+    for k in a["top_kernels"][:30]:
         nm = k["name"].replace("|", "\\|")[:100]
         lines.append(f"| `{nm}` | {k['class']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} | "
                      f"{k['mean_us']:.1f} | {k['pct_of_step']:.1f}% |")
@@ -520,6 +520,7 @@ def run(args, overrides):
             self.prof = None
             self.done = False
             self.result = None
+            self.trainer = None
 
         def on_train_begin(self, a, state, control, **kw):
             a.eval_on_start = False  # the stage's step-0 validation: an eval-mode compile, no training step
@@ -531,6 +532,8 @@ def run(args, overrides):
 
         def on_step_end(self, a, state, control, **kw):
             sync()  # one step per window
+            if hasattr(self.trainer, "flush_tokens"):
+                self.trainer.flush_tokens()
             now = time.perf_counter()
             self.walls.append(now - self.last_end)
             self.tokens.append(state.num_input_tokens_seen - self.tokens_last)
@@ -609,6 +612,17 @@ def run(args, overrides):
             self.result = res
 
     cb = Profile()
+    # Under train.overlap_steps the token count is read only at logging steps: the callback needs the trainer to
+    # bring it up to date after its own per-step wait (LossCurve is the one callback that is handed the trainer).
+    import llmft.train as stage
+
+    init = stage.LossCurve.__init__
+
+    def keep_trainer(self, trainer, *a, **k):
+        cb.trainer = trainer
+        init(self, trainer, *a, **k)
+
+    stage.LossCurve.__init__ = keep_trainer
     metrics = train(cfg, callbacks=[cb])
     if cb.result is not None:
         cb.result["stage_metrics"] = metrics
