@@ -39,7 +39,7 @@ def convert(model, scaling: str, keep: str | None) -> int:
     if scaling == "tensorwise":  # llmft's own conversion; it skips trainable layers, so the kept ones are made so
         for m in kept:
             m.weight.requires_grad_(True)
-        return fp8.convert(model)
+        return fp8.convert(model)[0]
     layers = [m for _, m in fp8.convertible(model) if m not in kept]
     for m in layers:
         m.w8_rows, m.w_scales = cast_rows(m.weight)  # one scale per output channel

@@ -28,6 +28,10 @@ declare -A SWITCHES=(
   [fastest]="$FASTEST"
   [fp8]="train.fp8=true"
   [fastest_fp8]="$FASTEST train.fp8=true"
+  # third session: one shape every step (the padding masked), and CUDA graphs over it
+  [fastest_static]="$FASTEST train.static_shapes=true"
+  [fastest_static_fp8]="$FASTEST train.static_shapes=true train.fp8=true"
+  [fastest_graphs]="$FASTEST train.static_shapes=true train.compile_mode=reduce-overhead"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}

@@ -27,11 +27,23 @@ declare -A V=(
   [fast_bf16]="$FAST"
   [fast_fp8]="$FAST train.fp8=true"
   [overlap_bf16]="train.use_liger_kernel=true train.overlap_steps=true"
+  # third session: one shape every step (one compile, CUDA graphs possible), more rows per step under 80 GB
+  [static_bf16]="$FAST train.static_shapes=true"
+  [static_fp8]="$FAST train.static_shapes=true train.fp8=true"
+  [static_bf16_bs6]="$FAST train.static_shapes=true train.batch_size=6"
+  [static_fp8_bs6]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6"
+  [graphs_bf16]="$FAST train.static_shapes=true train.compile_mode=reduce-overhead"
+  [graphs_fp8_bs6]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_mode=reduce-overhead"
+  [autotune_bf16]="$FAST train.static_shapes=true train.compile_mode=max-autotune-no-cudagraphs"
 )
-timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 --warmup 5 | grep RESULT
+[ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
+  --warmup 5 | grep RESULT
 for name in ${VARIANTS:-fast_fp8 fast_bf16 compile_flex_bs4}; do
+  # each run gets EACH_S, or what is left of DEADLINE_S (seconds since the script started), whichever is less
+  each=${EACH_S:-240}; left=$(( ${DEADLINE_S:-100000} - SECONDS - 5 )); [ "$left" -lt "$each" ] && each=$left
+  [ "$each" -lt 30 ] && { echo "phase16: no time left for $name"; continue; }
   # shellcheck disable=SC2086  # the overrides are words
-  timeout "${EACH_S:-240}" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+  timeout "$each" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
   # a run cut by its timeout writes no log of its own: keep the tail of the raw one (what it was compiling)
   [ -s "$RES/llmft_$name.log" ] || tr '\r' '\n' < "${RUNS:-/tmp/llmft_runs}/$name/log" | grep -v "^W12" \
     | tail -c 100000 > "$RES/llmft_$name.killed.log"

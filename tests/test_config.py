@@ -119,6 +119,11 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
     ("register.metric=test_loss", "'register.metric' 'test_loss' is not <row>.<base|tuned|delta>"),
     ("register.metric=rouge_l.tuned register.direction=minimize", "'rouge_l.tuned' is higher is better"),
     ("train.learning_rate=-0.001", "'train.learning_rate' must be > 0"),
+    ("train.static_shapes=true", "'train.static_shapes' needs train.packing=true"),
+    ("train.compile_mode=reduce-overhead train.torch_compile=true train.packing=true",
+     "'train.compile_mode' reduce-overhead records CUDA graphs, which need one shape every step: set "
+     "train.static_shapes=true"),
+    ("train.compile_mode=max-autotune-no-cudagraph", "unknown torch.compile mode 'max-autotune-no-cudagraph'"),
     ("data.splits=[0.8,0.3,0.1]", "'data.splits' must be three fractions"),
     ("data.source=notes.txt", "'data.source' 'notes.txt' is neither 'embedded', a .jsonl/.ndjson/.json/.csv/.parquet"),
     ("model.base=/no/such/model/dir", "'model.base' '/no/such/model/dir' is neither 'embedded', a model directory"),

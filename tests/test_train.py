@@ -100,6 +100,30 @@ def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_mode
             assert torch.allclose(packed[a:b], alone, atol=1e-4), "a packed sample must not attend to its neighbours"
 
 
+def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path, tiny_model_dir, processed,
+                                                                        tracking_uri):
+    """train.static_shapes: every packed batch is one flat row of batch_size x max_length tokens, the last one too,
+    and the padding has no label. The curves and the token count stay those without it."""
+    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{
+        "train.packing": True, "train.static_shapes": True}))
+    trainer, _ = train.build_trainer(cfg)
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        batches = list(loader)
+        assert {tuple(b["input_ids"].shape) for b in batches} == {(1, 4 * 128)}
+        pad = trainer.processing_class.pad_token_id
+        assert all((b["labels"][b["input_ids"] == pad] == -100).all() for b in batches)
+        assert sum(int((b["input_ids"] == pad).sum()) for b in batches) > 0
+    common = {"train.packing": True, "train.max_steps": 4}
+    free = run_train(tmp_path / "free", tiny_model_dir, processed, tracking_uri, **common)
+    static = run_train(tmp_path / "static", tiny_model_dir, processed, tracking_uri, **common,
+                       **{"train.static_shapes": True})
+    for name in ("train_loss.csv", "eval_loss.csv"):
+        a, b = [csv_rows(t / "plots" / name) for t in (tmp_path / "free", tmp_path / "static")]
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2
+        assert max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    assert static["tokens_seen"] == free["tokens_seen"] > 0
+
+
 def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     from llmft import generate
     from llmft.config import GenerationConfig

@@ -276,7 +276,8 @@ def build_trainer(cfg: Config):
         weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim=tc.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=tc.gradient_checkpointing,
-        use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile,
+        use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile, torch_compile_mode=tc.compile_mode,
+        pad_to_multiple_of=tc.batch_size * tc.max_length if tc.static_shapes else None,  # packed: one flat row
         # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
         completion_only_loss=True, max_length=tc.max_length,
         packing=tc.packing, packing_strategy="bfd",
@@ -297,7 +298,10 @@ def build_trainer(cfg: Config):
     if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
         from . import fp8
 
-        print(f"train: train.fp8: {fp8.convert(trainer.model)} frozen projections multiply in FP8")
+        # One process holds the only copy and saves only the adapter; DDP broadcasts every parameter at wrapping
+        done, released = fp8.convert(trainer.model, release=not distributed)
+        print(f"train: train.fp8: {done} frozen projections multiply in FP8"
+              + (f"; their bf16 weights released ({released / 2**30:.1f} GiB)" if released else ""))
     if tc.fused_lora:
         from . import fused_lora
 
