@@ -105,8 +105,10 @@ def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path,
     """train.static_shapes: every packed batch is one flat row of batch_size x max_length tokens, the last one too,
     and the padding has no label. The curves and the token count stay those without it."""
     cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{
-        "train.packing": True, "train.static_shapes": True}))
+        "train.packing": True, "train.static_shapes": True, "train.torch_compile": True,
+        "train.compile_mode": "reduce-overhead"}))
     trainer, _ = train.build_trainer(cfg)
+    assert trainer.args.torch_compile and trainer.args.torch_compile_mode == "reduce-overhead"  # CUDA graphs need it
     for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
         batches = list(loader)
         assert {tuple(b["input_ids"].shape) for b in batches} == {(1, 4 * 128)}
@@ -298,6 +300,16 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     assert low["eval_loss"] < low["initial_eval_loss"]
     assert abs(low["eval_loss"] - full["eval_loss"]) / full["eval_loss"] < 0.03
     assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "fp8")) > 0.0
+    # fused_lora over FP8 projections multiplies the same FP8 base (its own branch): only the sums' rounding differs
+    fused = run_train(tmp_path / "fp8_fused", tiny_model_dir, processed, tracking_uri,
+                      **{"train.fp8": True, "train.fused_lora": True, "train.lora.dropout": 0.0})
+    lean = run_train(tmp_path / "fp8_lean", tiny_model_dir, processed, tracking_uri,
+                     **{"train.fp8": True, "train.lora.dropout": 0.0})
+    assert f"train.fused_lora: {7 * layers} of {7 * layers} LoRA layers fused" in capsys.readouterr().out
+    for name in ("train_loss.csv", "eval_loss.csv"):
+        a, b = [csv_rows(tmp_path / t / "plots" / name) for t in ("fp8_lean", "fp8_fused")]
+        assert len(a) == len(b) >= 2 and max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    assert fused["eval_loss"] != full["eval_loss"] and lean["eval_loss"] != full["eval_loss"]
 
 
 def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
