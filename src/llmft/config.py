@@ -278,8 +278,9 @@ class TrainConfig:
     layers' bf16 weights are released (the stage saves only the adapter), so the FP8 copies take no extra memory.
     Loss stays close to bf16 but not equal: see benchmarks/README.md for the measured difference."""
     fused_lora: bool = False
-    """Each LoRA projection adds its low-rank product inside the base output's GEMM (addmm) and scales on the rank-r
-    side, skipping PEFT's full-size add and gradient-scaling passes (llmft/fused_lora.py). The same math, rounded
+    """Each LoRA projection and its frozen base run as one autograd function: the sums are accumulated in place
+    inside the GEMMs and the scaling is applied on the rank-r side, skipping PEFT's full-size add, gradient-scaling
+    and gradient-sum passes (llmft/fused_lora.py). The same math, rounded
     once instead of twice. Needs train.lora.dropout=0, no DoRA, no LoRA bias and no QLoRA; composes with fp8."""
     overlap_steps: bool = False
     """The CPU queues the next step while the GPU runs this one: no per-step `.item()` (the training-batch entropy
