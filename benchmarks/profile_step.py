@@ -9,7 +9,7 @@ batch 4, torch.compile; the key=value arguments replace or add to them). One ext
   - skips the stage's step-0 validation and the epoch-end one (eval-mode compiles, outside any training step);
   - times every step from one `on_step_end` to the next (it synchronises CUDA there, so each window holds exactly
     one step's GPU work, data loading and logging included; that per-step wait is what train.overlap_steps removes,
-    and under it the token count is read only at logging steps, so profile without it);
+    so its idle time is an upper bound there; under that switch it also brings the token count up to date);
   - after --warmup steps (compile, recompiles for dynamic shapes) starts torch.profiler (CPU + CUDA activities,
     record_shapes) with one profiler warm-up step, records --active steps, then stops training.
 

@@ -119,10 +119,7 @@ def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path,
     free = run_train(tmp_path / "free", tiny_model_dir, processed, tracking_uri, **common)
     static = run_train(tmp_path / "static", tiny_model_dir, processed, tracking_uri, **common,
                        **{"train.static_shapes": True})
-    for name in ("train_loss.csv", "eval_loss.csv"):
-        a, b = [csv_rows(t / "plots" / name) for t in (tmp_path / "free", tmp_path / "static")]
-        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2
-        assert max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    assert_same_curves(tmp_path / "free", tmp_path / "static", min_rows=2)
     assert static["tokens_seen"] == free["tokens_seen"] > 0
 
 
@@ -306,9 +303,7 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     lean = run_train(tmp_path / "fp8_lean", tiny_model_dir, processed, tracking_uri,
                      **{"train.fp8": True, "train.lora.dropout": 0.0})
     assert f"train.fused_lora: {7 * layers} of {7 * layers} LoRA layers fused" in capsys.readouterr().out
-    for name in ("train_loss.csv", "eval_loss.csv"):
-        a, b = [csv_rows(tmp_path / t / "plots" / name) for t in ("fp8_lean", "fp8_fused")]
-        assert len(a) == len(b) >= 2 and max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    assert_same_curves(tmp_path / "fp8_lean", tmp_path / "fp8_fused", min_rows=2)
     assert fused["eval_loss"] != full["eval_loss"] and lean["eval_loss"] != full["eval_loss"]
 
 
@@ -324,10 +319,7 @@ def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, p
                      **{"train.fused_lora": True, "train.overlap_steps": True})
     layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     assert f"train: train.fused_lora: {7 * layers} of {7 * layers} LoRA layers fused" in capsys.readouterr().out
-    for name in ("train_loss.csv", "eval_loss.csv"):
-        a, b = [csv_rows(t / "plots" / name) for t in (tmp_path / "plain", tmp_path / "fast")]
-        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 3
-        assert max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < 1e-4, (a, b)
+    assert_same_curves(tmp_path / "plain", tmp_path / "fast", min_rows=3)
     moved = max(v.abs().max().item() for k, v in adapter(tmp_path / "plain").items() if "lora_B" in k)
     assert 1e-4 < moved and max_diff(adapter(tmp_path / "plain"), adapter(tmp_path / "fast")) < 1e-3 * moved
     assert fast["tokens_seen"] == plain["tokens_seen"] > 0 and fast["steady_tokens_per_s"] > 0
@@ -335,6 +327,14 @@ def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, p
         states = [json.loads((t / "ckpt" / ckpt / "trainer_state.json").read_text())
                   for t in (tmp_path / "plain", tmp_path / "fast")]
         assert states[0]["num_input_tokens_seen"] == states[1]["num_input_tokens_seen"] > 0
+
+
+def assert_same_curves(a_dir: Path, b_dir: Path, min_rows: int, rel: float = 1e-4) -> None:
+    """Two runs' training and validation curves: the same steps, at least min_rows, values within rel (relative)."""
+    for name in ("train_loss.csv", "eval_loss.csv"):
+        a, b = (csv_rows(d / "plots" / name) for d in (a_dir, b_dir))
+        assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= min_rows, (name, a, b)
+        assert max(abs(x - y) / x for (_, x), (_, y) in zip(a, b)) < rel, (name, a, b)
 
 
 def csv_rows(path: Path) -> list[tuple[int, float]]:
