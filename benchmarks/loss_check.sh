@@ -32,6 +32,7 @@ declare -A SWITCHES=(
   [fastest_static]="$FASTEST train.static_shapes=true"
   [fastest_static_fp8]="$FASTEST train.static_shapes=true train.fp8=true"
   [fastest_graphs]="$FASTEST train.static_shapes=true train.compile_mode=reduce-overhead"
+  [fastest_graphs_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_mode=reduce-overhead"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}
@@ -39,13 +40,16 @@ COMMON="model.random_init=false paths.data=${DATA:-.bench/dolly_split} paths.bas
   train.max_steps=$STEPS train.eval_steps=5 train.logging_steps=1 train.max_eval_rows=null train.seed=42
   train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0
   train.batch_size=4 ${EXTRA:-}"
+# a later call on the same machine (same RES) adds its runs to the earlier call's: compared against one ref run
+[ -f "$RES/curves.tgz" ] && tar xzf "$RES/curves.tgz" -C "$RES" curves
 for name in $CONFIGS; do
   # shellcheck disable=SC2086  # the overrides are words
   bash benchmarks/gpu.sh llmft "$name" $COMMON ${SWITCHES[$name]}
   # the curves into $RES at once, flat: a call cut short still brings back the runs that finished
-  mkdir -p "$RES/curves/$name" && cp "${RUNS:-/tmp/llmft_runs}/$name"/plots/*_loss.csv "$RES/curves/$name/"
+  mkdir -p "$RES/curves/$name" && cp "${RUNS:-/tmp/llmft_runs}/$name"/plots/*_loss.csv "$RES/curves/$name/" \
+    || { echo "loss_check: $name left no curves"; rm -rf "$RES/curves/$name"; }
 done
-names=$(for n in $CONFIGS; do [ "$n" != ref ] && echo "$n"; done)
+names=$(for n in "$RES"/curves/*/; do n=$(basename "$n"); [ "$n" != ref ] && echo "$n"; done)
 # shellcheck disable=SC2086
 python3 benchmarks/loss_equivalence.py --runs "$RES/curves" --ref ref --names $names --out "$RES"
 # a device call brings back about 8 files (the curves and the plot were left out on 2026-12-02): one archive

@@ -35,6 +35,10 @@ declare -A V=(
   [graphs_bf16]="$FAST train.static_shapes=true train.compile_mode=reduce-overhead"
   [graphs_fp8_bs6]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_mode=reduce-overhead"
   [autotune_bf16]="$FAST train.static_shapes=true train.compile_mode=max-autotune-no-cudagraphs"
+  # fourth session: CUDA graphs with FP8 at batch 4 and 8 (batch 8 is past 80 GB), batch 8 without them
+  [graphs_fp8]="$FAST train.static_shapes=true train.fp8=true train.compile_mode=reduce-overhead"
+  [graphs_fp8_bs8]="$FAST train.static_shapes=true train.fp8=true train.batch_size=8 train.compile_mode=reduce-overhead"
+  [static_fp8_bs8]="$FAST train.static_shapes=true train.fp8=true train.batch_size=8"
 )
 [ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
   --warmup 5 | grep RESULT

@@ -295,6 +295,8 @@ def build_trainer(cfg: Config):
     )
     trainer = (OverlapSFTTrainer if tc.overlap_steps else SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, peft_config=lora)
+    if not str(tc.attn_implementation).startswith("flash"):
+        trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
     if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
         from . import fp8
 
@@ -307,6 +309,13 @@ def build_trainer(cfg: Config):
 
         done, total = fused_lora.convert(trainer.model)
         print(f"train: train.fused_lora: {done} of {total} LoRA layers fused")
+    if tc.compile_mode in ("reduce-overhead", "max-autotune"):
+        # TRL's fused LM head scores only the labelled positions, a count that changes every batch: the small
+        # graphs around it would record a new CUDA graph per count. They run as compiled code; the model's
+        # fixed-shape graphs (the layers, forward and backward) replay.
+        import torch._inductor.config
+
+        torch._inductor.config.triton.cudagraph_skip_dynamic_graphs = True
     if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
@@ -315,6 +324,27 @@ def build_trainer(cfg: Config):
                          "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
                          "train` (cpu-fsdp.yaml on CPUs)")
     return trainer, {"base_path": base, "precision": precision}
+
+
+class _NoVarlenKeys:
+    """TRL's padding-free collator, without the sequence boundaries that only flash attention's varlen kernels read
+    (`cu_seq_lens_q/k`, `max_length_q/k`): sdpa, eager and flex attention mask from position_ids. Their sizes change
+    with the number of packed examples: passed along, they made the compiled decoder layers recompile (7B log,
+    benchmarks/results/phase16h) and kept their shapes dynamic, under train.static_shapes too."""
+
+    KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        for k in self.KEYS:
+            batch.pop(k, None)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
 
 
 def _fsdp_on_cpu() -> None:
