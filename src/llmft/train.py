@@ -344,6 +344,8 @@ class _NoVarlenKeys:
         return batch
 
     def __getattr__(self, name):
+        if name == "collator":  # unpickled in a dataloader worker, before __dict__ is back: no recursion
+            raise AttributeError(name)
         return getattr(self.collator, name)
 
 
