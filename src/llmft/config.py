@@ -42,6 +42,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torc
               "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
               "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
@@ -328,7 +329,7 @@ class TrainConfig:
         if self.compile_mode is not None:
             yield ("compile_mode", *_one_of(self.compile_mode, COMPILE_MODES, "torch.compile mode"))
             yield "compile_mode", self.torch_compile, "needs train.torch_compile=true"
-        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.compile_mode in CUDA_GRAPH_MODES:
             yield ("compile_mode", self.static_shapes,
                    f"{self.compile_mode} records CUDA graphs, which need one shape every step: set train.static_shapes=true")
         a = self.attn_implementation

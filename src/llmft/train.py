@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import Config, LlmftError, to_dict
+from .config import CUDA_GRAPH_MODES, Config, LlmftError, to_dict
 from .models import atomic_dir, load_kwargs, load_tokenizer, resolve_base
 from .tracking import write_atomic
 
@@ -309,7 +309,7 @@ def build_trainer(cfg: Config):
 
         done, total = fused_lora.convert(trainer.model)
         print(f"train: train.fused_lora: {done} of {total} LoRA layers fused")
-    if tc.compile_mode in ("reduce-overhead", "max-autotune"):
+    if tc.compile_mode in CUDA_GRAPH_MODES:
         # TRL's fused LM head scores only the labelled positions, a count that changes every batch: the small
         # graphs around it would record a new CUDA graph per count. They run as compiled code; the model's
         # fixed-shape graphs (the layers, forward and backward) replay.
