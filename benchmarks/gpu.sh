@@ -24,8 +24,9 @@ if [ -z "${SKIP_WHL:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && touch /tmp/site/.done || exit 1
   fi
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# installed from .whl/, or landed already installed by `hop.sh land 1`
+[ -z "${SKIP_WHL:-}" ] && [ -f /tmp/site/.done ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 [ -z "${SKIP_WHL:-}" ] && [ -d .whlbnb/site ] && export PYTHONPATH=$PWD/.whlbnb/site:$PYTHONPATH
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 

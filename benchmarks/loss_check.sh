@@ -5,8 +5,8 @@
 #
 #   here:   PYTHONPATH=src python -m llmft prepare data.source=../shared/data/dolly/dolly_sample.jsonl \
 #               paths.data=.bench/dolly_split paths.data_metrics=/tmp/dolly_split.json
-#   device: bash benchmarks/hop.sh land 1; bash benchmarks/hop.sh land 2   (two calls, see hop.sh)
-#           bash benchmarks/loss_check.sh            (carry [".whl", ".bench"]; results in $OUT)
+#   device: bash benchmarks/hop.sh land 1; bash benchmarks/hop.sh land 2   (two calls on one machine, see hop.sh)
+#           bash benchmarks/loss_check.sh            (after them nothing more to carry; results in $RES or $OUT)
 #
 # The reference is the fastest configuration's data layout (packing 2048, flex attention: packed rows attend
 # only within their own example, LoRA dropout 0, batch 4) with every speed-only switch off; `sdpa_nopack`
@@ -33,6 +33,13 @@ declare -A SWITCHES=(
   [fastest_static_fp8]="$FASTEST train.static_shapes=true train.fp8=true"
   [fastest_graphs]="$FASTEST train.static_shapes=true train.compile_mode=reduce-overhead"
   [fastest_graphs_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_mode=reduce-overhead"
+  # fifth session: each decoder layer compiled on its own (Liger's RoPE left to inductor), with and without Liger
+  [fastest_regions]="$FASTEST train.static_shapes=true train.compile_regions=true"
+  [fastest_regions_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_regions=true"
+  [regions_noliger]="train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.static_shapes=true
+    train.compile_regions=true"
+  [regions_noliger_fp8]="train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.static_shapes=true
+    train.compile_regions=true train.fp8=true"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}

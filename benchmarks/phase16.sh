@@ -39,6 +39,13 @@ declare -A V=(
   [graphs_fp8]="$FAST train.static_shapes=true train.fp8=true train.compile_mode=reduce-overhead"
   [graphs_fp8_bs8]="$FAST train.static_shapes=true train.fp8=true train.batch_size=8 train.compile_mode=reduce-overhead"
   [static_fp8_bs8]="$FAST train.static_shapes=true train.fp8=true train.batch_size=8"
+  # fifth session: each decoder layer compiled on its own (train.compile_regions: no RoPE graph break, one compile
+  # for 32 layers); without Liger, inductor fuses the norms and SwiGLU with their neighbours (and FP8's casts)
+  [regions_bf16]="$FAST train.compile_regions=true"
+  [regions_fp8_bs6]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_regions=true"
+  [regions_bf16_noliger]="train.overlap_steps=true train.fused_lora=true train.compile_regions=true"
+  [regions_fp8_bs6_noliger]="train.overlap_steps=true train.fused_lora=true train.static_shapes=true train.fp8=true
+    train.batch_size=6 train.compile_regions=true"
 )
 [ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
   --warmup 5 | grep RESULT

@@ -123,6 +123,7 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
     ("train.compile_mode=reduce-overhead train.torch_compile=true train.packing=true",
      "'train.compile_mode' reduce-overhead records CUDA graphs, which need one shape every step: set "
      "train.static_shapes=true"),
+    ("train.compile_regions=true", "'train.compile_regions' needs train.torch_compile=true"),
     ("train.compile_mode=max-autotune-no-cudagraph", "unknown torch.compile mode 'max-autotune-no-cudagraph'"),
     ("data.splits=[0.8,0.3,0.1]", "'data.splits' must be three fractions"),
     ("data.source=notes.txt", "'data.source' 'notes.txt' is neither 'embedded', a .jsonl/.ndjson/.json/.csv/.parquet"),

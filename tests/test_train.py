@@ -128,6 +128,35 @@ def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path,
     assert static["tokens_seen"] == free["tokens_seen"] > 0
 
 
+def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri):
+    """train.compile_regions: the decoder layers are compiled one by one (the model itself is not), the second layer
+    reuses the first one's graph, and the curves are those of the uncompiled stage."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
+    # the fastest configuration's other switches on both sides: the compiled layer traces fused_lora's autograd function
+    common = {"train.packing": True, "train.static_shapes": True, "train.max_steps": 3, "train.eval_steps": 3,
+              "train.save_steps": 3, "train.fused_lora": True, "train.lora.dropout": 0.0, "train.overlap_steps": True}
+    run_train(tmp_path / "eager", tiny_model_dir, processed, tracking_uri, **common)
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config("none.yaml", overrides(tmp_path / "regions", tiny_model_dir, processed, tracking_uri, **common,
+                                             **{"train.torch_compile": True, "train.compile_regions": True}))
+    trainer, _ = train.build_trainer(cfg)
+    trainer.train()
+    wrapped = trainer.model_wrapped
+    layers = wrapped.base_model.model.model.layers
+    assert not isinstance(wrapped, OptimizedModule) and len(layers) == 2
+    assert all(isinstance(layer, OptimizedModule) for layer in layers)
+    # 5 here: the layer (training, and validation under no_grad) and the other leaves; a graph per layer would be 7
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    eager = dict(csv_rows(tmp_path / "eager" / "plots" / "train_loss.csv"))
+    compiled = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert sorted(eager) == sorted(compiled) and len(eager) == 3
+    assert max(abs(eager[s] - compiled[s]) / eager[s] for s in eager) < 1e-4, (eager, compiled)
+
+
 def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     from llmft import generate
     from llmft.config import GenerationConfig

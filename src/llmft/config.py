@@ -263,6 +263,12 @@ class TrainConfig:
     """Fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs liger-kernel + CUDA."""
     torch_compile: bool = False
     """torch.compile the model."""
+    compile_regions: bool = False
+    """With train.torch_compile: compile each decoder layer on its own (accelerate's regional compilation) instead
+    of the whole model. The layers share one compiled graph, so the first step compiles one layer, not 32, and the
+    model runs as a few large graphs; with train.use_liger_kernel, RoPE is left to inductor (Liger's RoPE kernel
+    runs outside the compiler and split every layer's graph in two). Embeddings, the loss and the block mask run
+    uncompiled."""
     compile_mode: Optional[str] = None
     """torch.compile's mode (with train.torch_compile): null for its default; max-autotune-no-cudagraphs autotunes
     inductor's kernels (a longer compile); reduce-overhead and max-autotune also replay each step as CUDA graphs,
@@ -326,6 +332,8 @@ class TrainConfig:
             yield "fused_lora", not self.qlora.enabled, "cannot be combined with train.qlora.enabled=true"
         if self.static_shapes:  # unpacked, the last batch of an epoch has fewer rows: it would need dropping
             yield "static_shapes", self.packing, "needs train.packing=true"
+        if self.compile_regions:
+            yield "compile_regions", self.torch_compile, "needs train.torch_compile=true"
         if self.compile_mode is not None:
             yield ("compile_mode", *_one_of(self.compile_mode, COMPILE_MODES, "torch.compile mode"))
             yield "compile_mode", self.torch_compile, "needs train.torch_compile=true"

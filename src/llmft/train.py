@@ -277,6 +277,9 @@ def build_trainer(cfg: Config):
         bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=tc.gradient_checkpointing,
         use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile, torch_compile_mode=tc.compile_mode,
+        # Liger's RoPE dispatcher is under torch.compiler.disable: a graph break in every layer. In a compiled layer
+        # inductor fuses the rotation into its neighbours instead.
+        liger_kernel_config={"rope": False} if tc.compile_regions and tc.use_liger_kernel else None,
         pad_to_multiple_of=tc.batch_size * tc.max_length if tc.static_shapes else None,  # packed: one flat row
         # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
         completion_only_loss=True, max_length=tc.max_length,
@@ -309,6 +312,8 @@ def build_trainer(cfg: Config):
 
         done, total = fused_lora.convert(trainer.model)
         print(f"train: train.fused_lora: {done} of {total} LoRA layers fused")
+    if tc.torch_compile:  # set either way: accelerate's dynamo plugin is shared by every Trainer of the process (tune)
+        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = tc.compile_regions
     if tc.compile_mode in CUDA_GRAPH_MODES:
         # TRL's fused LM head scores only the labelled positions, a count that changes every batch: the small
         # graphs around it would record a new CUDA graph per count. They run as compiled code; the model's
