@@ -32,11 +32,12 @@ case "${1:-}" in
     ;;
   land)
     mkdir -p $DEST
-    cp ".hop$2"/*.part-* ".hop$2"/*.sha256 $DEST/ 2>/dev/null || true
+    cp ".hop$2"/$WHEEL.part-* $DEST/
     if [ "$2" = 1 ]; then  # the packages, where gpu.sh looks for them
       rm -rf /tmp/site && mkdir -p /tmp/site && tar -C /tmp/site -xJf .hop1/site.tar.xz && touch /tmp/site/.done
       echo "packages: /tmp/site"
     else
+      cp .hop2/$WHEEL.sha256 $DEST/
       [ -e $DEST/$WHEEL.part-aa ] || { echo "hop.sh: the first part is not on this machine (was it given back between the calls?)" >&2; exit 1; }
       cat $DEST/$WHEEL.part-* > $DEST/$WHEEL && (cd $DEST && sha256sum -c $WHEEL.sha256)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $DEST/site $DEST/$WHEEL

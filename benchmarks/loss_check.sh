@@ -36,10 +36,8 @@ declare -A SWITCHES=(
   # fifth session: each decoder layer compiled on its own (Liger's RoPE left to inductor), with and without Liger
   [fastest_regions]="$FASTEST train.static_shapes=true train.compile_regions=true"
   [fastest_regions_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_regions=true"
-  [regions_noliger]="train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.static_shapes=true
-    train.compile_regions=true"
-  [regions_noliger_fp8]="train.torch_compile=true train.fused_lora=true train.overlap_steps=true train.static_shapes=true
-    train.compile_regions=true train.fp8=true"
+  [regions_noliger]="$FASTEST train.static_shapes=true train.compile_regions=true train.use_liger_kernel=false"
+  [regions_noliger_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_regions=true train.use_liger_kernel=false"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}

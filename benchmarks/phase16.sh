@@ -43,9 +43,9 @@ declare -A V=(
   # for 32 layers); without Liger, inductor fuses the norms and SwiGLU with their neighbours (and FP8's casts)
   [regions_bf16]="$FAST train.compile_regions=true"
   [regions_fp8_bs6]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_regions=true"
-  [regions_bf16_noliger]="train.overlap_steps=true train.fused_lora=true train.compile_regions=true"
-  [regions_fp8_bs6_noliger]="train.overlap_steps=true train.fused_lora=true train.static_shapes=true train.fp8=true
-    train.batch_size=6 train.compile_regions=true"
+  [regions_bf16_noliger]="$FAST train.compile_regions=true train.use_liger_kernel=false"  # a later override wins
+  [regions_fp8_bs6_noliger]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_regions=true
+    train.use_liger_kernel=false"
 )
 [ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
   --warmup 5 | grep RESULT
