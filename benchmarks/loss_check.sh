@@ -18,6 +18,7 @@ RES=${RES:-${OUT:-/tmp/loss_check}}
 export PYTHONPATH=/tmp/hop/site${PYTHONPATH:+:$PYTHONPATH} MODEL=embedded RES
 # every speed switch of the fastest configuration (configs/llama2-7b-lora.yaml)
 FASTEST="train.use_liger_kernel=true train.torch_compile=true train.fused_lora=true train.overlap_steps=true"
+IND='train.liger_kernels={"rms_norm":false,"swiglu":false}'  # Liger's norms and SwiGLU left to inductor
 declare -A SWITCHES=(
   [ref]=""
   [liger]="train.use_liger_kernel=true"
@@ -38,6 +39,11 @@ declare -A SWITCHES=(
   [fastest_regions_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_regions=true"
   [regions_noliger]="$FASTEST train.static_shapes=true train.compile_regions=true train.use_liger_kernel=false"
   [regions_noliger_fp8]="$FASTEST train.static_shapes=true train.fp8=true train.compile_regions=true train.use_liger_kernel=false"
+  # sixth session: torch's FlashAttention varlen kernels instead of flex; Liger's norms and SwiGLU left to inductor
+  [fastest_varlen]="$FASTEST train.compile_regions=true train.attn_implementation=varlen"
+  [fastest_varlen_ind]="$FASTEST train.compile_regions=true train.attn_implementation=varlen $IND"
+  [fastest_varlen_ind_fp8]="$FASTEST train.compile_regions=true train.attn_implementation=varlen $IND train.fp8=true"
+  [fastest_varlen_fp8]="$FASTEST train.compile_regions=true train.attn_implementation=varlen train.fp8=true"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}

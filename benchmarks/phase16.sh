@@ -16,6 +16,8 @@ bash benchmarks/gpu.sh env > /dev/null
 F="train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0
    train.torch_compile=true train.batch_size=4 train.max_steps=${STEPS:-30}"
 FAST="train.use_liger_kernel=true train.overlap_steps=true train.fused_lora=true"  # added to F: the fastest
+IND='train.liger_kernels={"rms_norm":false,"swiglu":false}'  # Liger's norms and SwiGLU left to inductor
+VL="$FAST train.compile_regions=true train.attn_implementation=varlen"  # sixth session: FlashAttention's varlen kernels
 declare -A V=(
   [compile_flex_bs4]="train.use_liger_kernel=true"
   [fp8_compile_flex_bs4]="train.use_liger_kernel=true train.fp8=true"
@@ -46,6 +48,18 @@ declare -A V=(
   [regions_bf16_noliger]="$FAST train.compile_regions=true train.use_liger_kernel=false"  # a later override wins
   [regions_fp8_bs6_noliger]="$FAST train.static_shapes=true train.fp8=true train.batch_size=6 train.compile_regions=true
     train.use_liger_kernel=false"
+  # sixth session: torch's FlashAttention varlen kernels instead of flex (each document's triangle, not every 128 x 128
+  # block it touches), with Liger's norms and SwiGLU or inductor's (_ind)
+  [varlen_bf16]="$VL"
+  [varlen_bf16_ind]="$VL $IND"
+  [regions_bf16_ind]="$FAST train.compile_regions=true $IND"
+  [varlen_fp8]="$VL train.fp8=true"
+  [varlen_fp8_ind]="$VL train.fp8=true $IND"
+  [varlen_fp8_bs6]="$VL train.fp8=true train.batch_size=6"
+  [varlen_fp8_bs6_ind]="$VL train.fp8=true train.batch_size=6 $IND"
+  [varlen_bf16_noliger]="$VL train.use_liger_kernel=false"
+  [varlen_bf16_bs6_ind]="$VL train.batch_size=6 $IND"
+  [varlen_bf16_ind_workers]="$VL $IND train.dataloader_workers=2"  # collation off the main thread
 )
 [ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
   --warmup 5 | grep RESULT

@@ -124,6 +124,10 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
      "'train.compile_mode' reduce-overhead records CUDA graphs, which need one shape every step: set "
      "train.static_shapes=true"),
     ("train.compile_regions=true", "'train.compile_regions' needs train.torch_compile=true"),
+    ("train.attn_implementation=varlen", "'train.attn_implementation' varlen needs train.packing=true"),
+    ('train.liger_kernels={"swiglu":false}', "'train.liger_kernels' needs train.use_liger_kernel=true"),
+    ('train.use_liger_kernel=true train.liger_kernels={"rms_nrom":false}',
+     "'train.liger_kernels' unknown Liger kernel 'rms_nrom' (did you mean 'rms_norm'?)"),
     ("train.compile_mode=max-autotune-no-cudagraph", "unknown torch.compile mode 'max-autotune-no-cudagraph'"),
     ("data.splits=[0.8,0.3,0.1]", "'data.splits' must be three fractions"),
     ("data.source=notes.txt", "'data.source' 'notes.txt' is neither 'embedded', a .jsonl/.ndjson/.json/.csv/.parquet"),
@@ -170,9 +174,11 @@ def test_three_presets_exist():
 
 def test_params_prints_values_in_effect_and_survives_a_closed_pipe(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  max_steps: 20\n")
-    res = _cli("params", "train.lora.r=4", cwd=tmp_path)
+    res = _cli("params", "train.lora.r=4", 'train.liger_kernels={"swiglu":false}', "train.use_liger_kernel=true",
+               cwd=tmp_path)
     assert res.returncode == 0
     assert "train.max_steps = 20   (default: -1)" in res.stdout and "train.lora.r = 4   (default: 16)" in res.stdout
+    assert "train.liger_kernels = {'swiglu': False}   (default: {})" in res.stdout  # a dict-valued key, whole
     assert "\ntrain.epochs = 1.0\n" in res.stdout  # unchanged keys show no default
     env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
     piped = subprocess.run(f"{sys.executable} -m llmft params | head -2", shell=True, capture_output=True, text=True,

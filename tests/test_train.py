@@ -157,6 +157,30 @@ def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_mo
     assert max(abs(eager[s] - compiled[s]) / eager[s] for s in eager) < 1e-4, (eager, compiled)
 
 
+def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp_path, tiny_model_dir, processed,
+                                                                             tracking_uri, monkeypatch):
+    """train.attn_implementation=varlen: the packed batches keep TRL's document boundaries, they reach every layer's
+    attention, and training and validation curves are those of sdpa on the same packed rows. torch's kernels need
+    CUDA: on this CPU the reference kernel of tests/test_varlen.py stands in for them."""
+    from test_varlen import reference
+
+    from llmft import varlen
+
+    monkeypatch.setattr(varlen, "KERNEL", (reference, True))
+    common = {"train.packing": True, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3}
+    cfg = load_config("none.yaml", overrides(tmp_path / "v", tiny_model_dir, processed, tracking_uri, **common,
+                                             **{"train.attn_implementation": "varlen"}))
+    trainer, _ = train.build_trainer(cfg)
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        for b in loader:
+            starts = (b["position_ids"][0] == 0).nonzero().flatten().tolist()
+            assert b["cu_seq_lens_q"].tolist() == starts + [b["input_ids"].shape[1]] and len(starts) > 1
+    run_train(tmp_path / "varlen", tiny_model_dir, processed, tracking_uri, **common,
+              **{"train.attn_implementation": "varlen"})
+    run_train(tmp_path / "sdpa", tiny_model_dir, processed, tracking_uri, **common)
+    assert_same_curves(tmp_path / "sdpa", tmp_path / "varlen", min_rows=2)
+
+
 def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     from llmft import generate
     from llmft.config import GenerationConfig

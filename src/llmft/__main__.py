@@ -15,7 +15,7 @@ import re
 import shlex
 import sys
 
-from .config import LlmftError, describe, flatten, load_config, to_dict
+from .config import LlmftError, describe, load_config, to_dict
 
 # verb -> (module, function, one-line help). Modules are imported only when their verb runs.
 VERBS = {
@@ -96,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_params(cfg) -> int:
     """`key = value` in effect, then `(default: ...)` where it differs, then what the key means."""
-    flat = flatten(to_dict(cfg))
+    values = to_dict(cfg)
     for key, default, doc in describe():
-        value = repr(flat.get(key))
+        value = values
+        for part in key.split("."):  # not flatten(): it spreads a dict-valued key (data.columns) into its entries
+            value = value[part]
+        value = repr(value)
         changed = "" if value == default else f"   (default: {default})"
         print(f"{key} = {value}{changed}\n    {doc}")
     sys.stdout.flush()  # here, where a closed pipe (`| head`) is caught, not at exit

@@ -43,7 +43,8 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torc
               "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")  # Llama's switches
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
 
@@ -257,10 +258,17 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% slower."""
     attn_implementation: Optional[str] = "sdpa"
-    """eager, sdpa, flash_attention_2/3 (needs flash-attn), flex_attention, a hub kernel (org/name), or null for
-    the model default."""
+    """eager, sdpa, flash_attention_2/3 (needs flash-attn), flex_attention, a hub kernel (org/name), null for the
+    model default, or varlen: torch's own FlashAttention varlen kernels (llmft/varlen.py; needs train.packing and a
+    CUDA GPU, no flash-attn package). Packed, varlen computes each document's causal triangle alone, where flex
+    computes every 128 x 128 block that a document touches."""
     use_liger_kernel: bool = False
     """Fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs liger-kernel + CUDA."""
+    liger_kernels: dict[str, bool] = field(default_factory=dict)
+    """With train.use_liger_kernel: Liger's kernels switched on or off by name (rope, rms_norm, swiglu,
+    fused_linear_cross_entropy, cross_entropy), e.g. `{rms_norm: false, swiglu: false}` leaves the norms and the MLP's
+    activation to torch.compile, which can fuse them with their neighbours. Unnamed kernels keep Liger's defaults,
+    except rope under train.compile_regions, which is off unless named."""
     torch_compile: bool = False
     """torch.compile the model."""
     compile_regions: bool = False
@@ -334,6 +342,10 @@ class TrainConfig:
             yield "static_shapes", self.packing, "needs train.packing=true"
         if self.compile_regions:
             yield "compile_regions", self.torch_compile, "needs train.torch_compile=true"
+        if self.liger_kernels:
+            yield "liger_kernels", self.use_liger_kernel, "needs train.use_liger_kernel=true"
+            for name in self.liger_kernels:
+                yield ("liger_kernels", *_one_of(name, LIGER_KERNELS, "Liger kernel"))
         if self.compile_mode is not None:
             yield ("compile_mode", *_one_of(self.compile_mode, COMPILE_MODES, "torch.compile mode"))
             yield "compile_mode", self.torch_compile, "needs train.torch_compile=true"
@@ -343,6 +355,8 @@ class TrainConfig:
         a = self.attn_implementation
         if a is not None and "/" not in a:
             yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))
+        if a == "varlen":  # the documents' boundaries come from the padding-free collator
+            yield "attn_implementation", self.packing, "varlen needs train.packing=true"
 
 
 # ----------------------------------------------------------------------------------------- tracking

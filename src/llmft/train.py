@@ -128,6 +128,10 @@ def load_model(cfg: Config, base: str, precision: str):
     tc = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     kwargs = dict(dtype=dtype, revision=cfg.model.revision, **load_kwargs(cfg))
+    if tc.attn_implementation == "varlen":  # llmft's own: transformers must know the name before the model loads
+        from . import varlen
+
+        varlen.register()
     if tc.attn_implementation:
         kwargs["attn_implementation"] = tc.attn_implementation
     if tc.qlora.enabled:
@@ -277,9 +281,7 @@ def build_trainer(cfg: Config):
         bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=tc.gradient_checkpointing,
         use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile, torch_compile_mode=tc.compile_mode,
-        # Liger's RoPE dispatcher is under torch.compiler.disable: a graph break in every layer. In a compiled layer
-        # inductor fuses the rotation into its neighbours instead.
-        liger_kernel_config={"rope": False} if tc.compile_regions and tc.use_liger_kernel else None,
+        liger_kernel_config=_liger_kernels(tc),
         pad_to_multiple_of=tc.batch_size * tc.max_length if tc.static_shapes else None,  # packed: one flat row
         # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
         completion_only_loss=True, max_length=tc.max_length,
@@ -298,7 +300,7 @@ def build_trainer(cfg: Config):
     )
     trainer = (OverlapSFTTrainer if tc.overlap_steps else SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, peft_config=lora)
-    if not str(tc.attn_implementation).startswith("flash"):
+    if not str(tc.attn_implementation).startswith(("flash", "varlen")):
         trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
     if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
         from . import fp8
@@ -331,8 +333,18 @@ def build_trainer(cfg: Config):
     return trainer, {"base_path": base, "precision": precision}
 
 
+def _liger_kernels(tc) -> dict | None:
+    """Which Liger kernels to patch in (TrainingArguments.liger_kernel_config), None for Liger's defaults."""
+    if not tc.use_liger_kernel:
+        return None
+    # Liger's RoPE dispatcher is under torch.compiler.disable: a graph break in every layer. In a compiled layer
+    # inductor fuses the rotation into its neighbours instead.
+    chosen = {"rope": False} if tc.compile_regions else {}
+    return {**chosen, **tc.liger_kernels} or None
+
+
 class _NoVarlenKeys:
-    """TRL's padding-free collator, without the sequence boundaries that only flash attention's varlen kernels read
+    """TRL's padding-free collator, without the sequence boundaries that only the varlen kernels read (flash, varlen)
     (`cu_seq_lens_q/k`, `max_length_q/k`): sdpa, eager and flex attention mask from position_ids. Their sizes change
     with the number of packed examples: passed along, they made the compiled decoder layers recompile (7B log,
     benchmarks/results/phase16h) and kept their shapes dynamic, under train.static_shapes too."""

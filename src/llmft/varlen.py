@@ -1,0 +1,73 @@
+"""train.attn_implementation=varlen: packed rows attend through torch's own FlashAttention varlen kernels.
+
+Flex attention masks a packed row in 128 x 128 blocks. Dolly's documents are short (about 200 tokens), so most of
+every block it computes is masked out. FlashAttention's varlen kernels take each document's boundaries and compute
+only its causal triangle. TRL's padding-free collator already computes those boundaries on the CPU (`cu_seq_lens_q`,
+`max_length_q`), and transformers passes them down to the attention function as keyword arguments. torch ships the
+kernels, forward and backward (`torch.nn.attention.varlen`, torch >= 2.10), so no flash-attn package is needed.
+
+Registered with transformers' AttentionInterface under NAME; no mask function is registered, so transformers builds
+no mask for it. Padding-free packing only: one flat row, positions restarting at every document.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+from .config import LlmftError
+
+NAME = "varlen"
+
+
+KERNEL = None
+"""(causal varlen attention, whether it takes fewer key/value heads than query heads): torch's, set by register()."""
+
+
+def register() -> None:
+    """Make NAME an attention implementation transformers can load a model with. Fails at once without a GPU."""
+    from transformers import AttentionInterface
+
+    global KERNEL
+    if KERNEL is None:
+        KERNEL = _torch_kernel()
+    AttentionInterface.register(NAME, attention)
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+              cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D]; returns ([1, T, H, D], None)."""
+    if cu_seq_lens_q is None or max_length_q is None:
+        raise LlmftError("train.attn_implementation=varlen needs the documents' boundaries (cu_seq_lens_q, "
+                         "max_length_q) that TRL's padding-free collator adds: set train.packing=true")
+    if query.shape[0] != 1:
+        raise LlmftError(f"train.attn_implementation=varlen takes one packed row per batch, got {query.shape[0]}")
+    if dropout:
+        raise LlmftError("train.attn_implementation=varlen has no attention dropout")
+    kernel, gqa = KERNEL
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and not gqa:  # torch 2.10/2.11's varlen_attn wants as many key/value heads as query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # [1, H, T, D] -> [T, H, D]: a view of the projections' own [T, H*D] layout (the kernels need only the head
+    # dimension contiguous)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    extra = {"enable_gqa": True} if groups > 1 and gqa else {}
+    if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5):  # torch 2.10 has no `scale`
+        extra["scale"] = scaling
+    out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
+    return out.unsqueeze(0), None
+
+
+def _torch_kernel():
+    """torch 2.10 spells causality `is_causal=True`; 2.12 and later spell it `window_size=(-1, 0)`."""
+    import functools
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmftError("train.attn_implementation=varlen runs torch's FlashAttention kernels, which need a CUDA GPU: "
+                         "use flex_attention or sdpa on this machine")
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return functools.partial(varlen_attn, **causal), "enable_gqa" in params
