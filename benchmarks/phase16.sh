@@ -16,7 +16,9 @@ bash benchmarks/gpu.sh env > /dev/null
 F="train.packing=true train.max_length=2048 train.attn_implementation=flex_attention train.lora.dropout=0.0
    train.torch_compile=true train.batch_size=4 train.max_steps=${STEPS:-30}"
 FAST="train.use_liger_kernel=true train.overlap_steps=true train.fused_lora=true"  # added to F: the fastest
-IND='train.liger_kernels={"rms_norm":false,"swiglu":false}'  # Liger's norms and SwiGLU left to inductor
+# Liger's norms and SwiGLU left to inductor. With compile_regions (RoPE off) and TRL's own loss, Liger then patches
+# nothing: the same as train.use_liger_kernel=false, spelled as the sixth session's runs were
+IND='train.liger_kernels={"rms_norm":false,"swiglu":false}'
 VL="$FAST train.compile_regions=true train.attn_implementation=varlen"  # sixth session: FlashAttention's varlen kernels
 declare -A V=(
   [compile_flex_bs4]="train.use_liger_kernel=true"

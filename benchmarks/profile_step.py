@@ -74,6 +74,11 @@ LORA_MAX_DIM = 64
 GEMM_OP = re.compile(r"^aten::(mm|addmm_?|bmm|baddbmm_?|addbmm|_scaled_mm|matmul|linear)$")
 GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|gemv|s16816|wgmma|splitK", re.I)
 ATTN_KERNEL = re.compile(r"flex_attention|flash|fmha|attention|attn", re.I)
+
+
+def _gemm_named(name: str) -> bool:
+    """A GEMM by its kernel's name; FlashAttention's kernels are templated on cutlass types, and are attention."""
+    return bool(GEMM_KERNEL.search(name)) and not name.startswith("triton_") and not ATTN_KERNEL.search(name)
 LIGER_KERNEL = re.compile(r"rms_norm|rmsnorm|swiglu|silu_mul|rope|rotary|cross_entropy|element_mul|layer_norm|liger",
                           re.I)
 INDUCTOR_KERNEL = re.compile(r"^triton_(poi|red|per)_")
@@ -87,7 +92,7 @@ TABLE = [("base_matmul", "frozen base projections (q/k/v/o, gate/up/down)"),
          ("lm_head_matmul", "LM head GEMMs (frozen; inside Liger's fused linear cross entropy)"),
          ("lora_matmul", "LoRA GEMMs (one of M/K/N = r = 16)"),
          ("gemm_unknown_shape", "GEMMs without usable shapes"),
-         ("attention", "attention (flex, fwd + bwd)"),
+         ("attention", "attention (flex or FlashAttention, fwd + bwd)"),
          ("norm_act_rope_loss", "norms / activations / rotary / loss / other elementwise"),
          ("optimizer", "optimizer step (AdamW, grad-norm clip, zero_grad)"),
          ("memcpy_memset_comm", "memcpy / memset / communication"),
@@ -254,7 +259,7 @@ def analyze(trace: dict, tokens_per_step=None, flops_per_token=None, peak=989e12
         gemm_op = None  # the launching op is a GEMM, or a GEMM-named kernel (a split-K reduction...) under one
         if cpu_ops and GEMM_OP.match(cpu_ops[0]["name"]):
             gemm_op = cpu_ops[0]
-        elif GEMM_KERNEL.search(name) and not name.startswith("triton_"):
+        elif _gemm_named(name):
             gemm_op = next((s for s in cpu_ops if GEMM_OP.match(s["name"])), None)
         subclass = None
         if cat in ("gpu_memcpy", "gpu_memset") or "nccl" in name.lower():
@@ -280,7 +285,7 @@ def analyze(trace: dict, tokens_per_step=None, flops_per_token=None, peak=989e12
                     shp = f"{gemm_op['name']} M={t_(mkn[0])} K={t_(mkn[1])} N={t_(mkn[2])}"
                     lora_shapes[shp]["us"] += dur
                     lora_shapes[shp]["calls"] += 1
-        elif GEMM_KERNEL.search(name) and not name.startswith("triton_"):
+        elif _gemm_named(name):
             cls = "gemm_unknown_shape"
         elif ATTN_KERNEL.search(name) or (name.startswith("triton_tem_") and "mm" not in name):
             cls = "attention"

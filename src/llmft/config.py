@@ -43,7 +43,9 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torc
               "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
-LIGER_KERNELS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy", "cross_entropy")  # Llama's switches
+# Liger's Llama layer kernels. Its fused linear cross-entropy is not among them: TRL's SFTTrainer turns it off and
+# computes the loss with its own fused LM head.
+LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
@@ -263,12 +265,13 @@ class TrainConfig:
     CUDA GPU, no flash-attn package). Packed, varlen computes each document's causal triangle alone, where flex
     computes every 128 x 128 block that a document touches."""
     use_liger_kernel: bool = False
-    """Fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs liger-kernel + CUDA."""
+    """Liger's fused Triton kernels for the decoder layers (RMSNorm, SwiGLU, RoPE); needs liger-kernel + CUDA. The loss
+    is TRL's fused LM head either way (TRL turns Liger's fused linear cross-entropy off)."""
     liger_kernels: dict[str, bool] = field(default_factory=dict)
-    """With train.use_liger_kernel: Liger's kernels switched on or off by name (rope, rms_norm, swiglu,
-    fused_linear_cross_entropy, cross_entropy), e.g. `{rms_norm: false, swiglu: false}` leaves the norms and the MLP's
-    activation to torch.compile, which can fuse them with their neighbours. Unnamed kernels keep Liger's defaults,
-    except rope under train.compile_regions, which is off unless named."""
+    """With train.use_liger_kernel: Liger's kernels switched on or off by name (rope, rms_norm, swiglu), e.g.
+    `{swiglu: false}` leaves the MLP's activation to torch.compile, which can fuse it with its neighbours. Unnamed
+    kernels stay on, except rope under train.compile_regions, which is off unless named. Inside compiled layers
+    inductor's own norms and SwiGLU measured faster (benchmarks/README.md, sixth session)."""
     torch_compile: bool = False
     """torch.compile the model."""
     compile_regions: bool = False
