@@ -63,14 +63,26 @@ declare -A V=(
   [varlen_bf16_bs6_ind]="$VL train.batch_size=6 $IND"
   [varlen_bf16_ind_workers]="$VL $IND train.dataloader_workers=2"  # collation off the main thread
 )
-[ -n "${NO_BASELINE:-}" ] || timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call --batch-size 8 --steps 40 \
-  --warmup 5 | grep RESULT
+# SMI=1: the GPU's power, SM clock and clock-limit reasons every 200 ms into $RES/smi.csv, each run's start and end
+# (epoch seconds) into $RES/marks.txt: whether a run is held back by the power cap
+if [ -n "${SMI:-}" ]; then
+  why=clocks_event_reasons.active
+  nvidia-smi --query-gpu=$why --format=csv > /dev/null 2>&1 || why=clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=timestamp,power.draw,power.limit,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu,$why \
+    --format=csv -lms 200 > "$RES/smi.csv" &
+  SMI_PID=$!; trap 'kill $SMI_PID 2> /dev/null' EXIT
+fi
+mark() { [ -n "${SMI:-}" ] && echo "$(date +%s.%N) $*" >> "$RES/marks.txt"; return 0; }
+[ -n "${NO_BASELINE:-}" ] || { mark start baseline; timeout 110 bash benchmarks/gpu.sh baseline baseline_b8_same_call \
+  --batch-size 8 --steps 40 --warmup 5 | grep RESULT; mark end baseline; }
 for name in ${VARIANTS:-fast_fp8 fast_bf16 compile_flex_bs4}; do
   # each run gets EACH_S, or what is left of DEADLINE_S (seconds since the script started), whichever is less
   each=${EACH_S:-240}; left=$(( ${DEADLINE_S:-100000} - SECONDS - 5 )); [ "$left" -lt "$each" ] && each=$left
   [ "$each" -lt 30 ] && { echo "phase16: no time left for $name"; continue; }
+  mark start "$name"
   # shellcheck disable=SC2086  # the overrides are words
   timeout "$each" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+  mark end "$name"
   # a run cut by its timeout writes no log of its own: keep the tail of the raw one (what it was compiling)
   [ -s "$RES/llmft_$name.log" ] || tr '\r' '\n' < "${RUNS:-/tmp/llmft_runs}/$name/log" | grep -v "^W12" \
     | tail -c 100000 > "$RES/llmft_$name.killed.log"
