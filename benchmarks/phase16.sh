@@ -62,13 +62,7 @@ declare -A V=(
   [varlen_bf16_noliger]="$VL train.use_liger_kernel=false"
   [varlen_bf16_bs6_ind]="$VL train.batch_size=6 $IND"
   [varlen_bf16_ind_workers]="$VL $IND train.dataloader_workers=2"  # collation off the main thread
-  # seventh session: the same with TRL's fused LM head, which waits for the GPU at every step's forward (the stage run
-  # through benchmarks/head_sync.py, L below): the same-call reference for llmft's label-index head
-  [varlen_bf16_ind_headsync]="$VL $IND"
-  [varlen_fp8_bs6_ind_headsync]="$VL train.fp8=true train.batch_size=6 $IND"
 )
-declare -A L=([varlen_bf16_ind_headsync]="python3 benchmarks/head_sync.py"
-              [varlen_fp8_bs6_ind_headsync]="python3 benchmarks/head_sync.py")
 # SMI=1: the GPU's power, SM clock and clock-limit reasons every 200 ms into $RES/smi.csv, each run's start and end
 # (epoch seconds) into $RES/marks.txt: whether a run is held back by the power cap
 if [ -n "${SMI:-}" ]; then
@@ -87,7 +81,7 @@ for name in ${VARIANTS:-fast_fp8 fast_bf16 compile_flex_bs4}; do
   [ "$each" -lt 30 ] && { echo "phase16: no time left for $name"; continue; }
   mark start "$name"
   # shellcheck disable=SC2086  # the overrides are words
-  LAUNCH="${L[$name]:-}" timeout "$each" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
+  timeout "$each" bash benchmarks/gpu.sh llmft "$name" $F ${V[$name]} | grep -E "^RESULT|^train:"
   mark end "$name"
   # a run cut by its timeout writes no log of its own: keep the tail of the raw one (what it was compiling)
   [ -s "$RES/llmft_$name.log" ] || tr '\r' '\n' < "${RUNS:-/tmp/llmft_runs}/$name/log" | grep -v "^W12" \

@@ -387,63 +387,6 @@ def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, p
         assert states[0]["num_input_tokens_seen"] == states[1]["num_input_tokens_seen"] > 0
 
 
-def test_overlap_steps_scores_the_labelled_positions_by_the_collators_indices(tmp_path, tiny_model_dir, processed,
-                                                                              tracking_uri):
-    """train.overlap_steps: the collator finds the labelled positions on the CPU (TRL's fused LM head selected them on
-    the GPU, `hidden[mask]`, which made the CPU wait every step); scored through them, loss and gradients are TRL's."""
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
-                                             **{"train.overlap_steps": True, "train.packing": True,
-                                                "train.lora.dropout": 0.0}))  # the two passes see the same model
-    trainer, _ = train.build_trainer(cfg)
-    batch = next(iter(trainer.get_train_dataloader()))
-    mask = batch["labels"][:, 1:] != -100
-    assert 0 < mask.sum() < mask.numel() and trainer._head_indexed
-    assert batch["label_index"].tolist() == mask.reshape(-1).nonzero().flatten().tolist()
-    model = trainer.model
-    model.train()
-    inputs = {k: v for k, v in batch.items() if k != "label_index"}
-    log_probs = model(**inputs, fused_lm_head=True, label_index=batch["label_index"])
-    assert isinstance(log_probs, torch.Tensor) and log_probs.shape == (mask.sum(),)
-
-    def loss_and_grads(indexed: bool):
-        trainer.indexed_head = indexed
-        model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch))
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    (indexed, g1), (trl_path, g2) = loss_and_grads(True), loss_and_grads(False)
-    assert torch.allclose(indexed, trl_path, rtol=1e-6) and indexed > 0
-    assert g1.keys() == g2.keys() and all(torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-9) for n in g1)
-    assert any(g.abs().max() > 0 for g in g1.values())
-
-
-def test_overlap_steps_head_runs_the_copy_that_compile_regions_makes(tmp_path, tiny_model_dir, processed, tracking_uri):
-    """accelerate's compile_regions copies the model into a new object whose compiled layers train, and rebinds its
-    methods to the copy: both scoring paths (by index in training, TRL's in evaluation) must run the copy's layers.
-    Nothing compiles here: the copy's backbone is swapped for one that says it was reached."""
-    from accelerate.utils import compile_regions
-
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
-                                             **{"train.overlap_steps": True, "train.packing": True}))
-    trainer, _ = train.build_trainer(cfg)
-    batch = next(iter(trainer.get_train_dataloader()))
-    copy = compile_regions(trainer.model.get_base_model())
-
-    class Reached(Exception):
-        pass
-
-    class Backbone(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            raise Reached
-
-    copy._modules["model"] = Backbone()
-    for index in (batch["label_index"], None):
-        with pytest.raises(Reached):
-            copy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                 fused_lm_head=True, label_index=index)
-
-
 def assert_same_curves(a_dir: Path, b_dir: Path, min_rows: int, rel: float = 1e-4) -> None:
     """Two runs' training and validation curves: the same steps, at least min_rows, values within rel (relative)."""
     for name in ("train_loss.csv", "eval_loss.csv"):
