@@ -52,12 +52,17 @@ def qkv(b, t):
     return [torch.randn(b, H, t, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
 
 
-def main():
+def cli():
+    """The attention benchmarks' arguments (--lengths, --out) and the Dolly document lengths they read."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default=".bench/data/lengths.json")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    lengths = json.loads(Path(args.lengths).read_text())
+    return args, json.loads(Path(args.lengths).read_text())
+
+
+def main():
+    args, lengths = cli()
     flex = torch.compile(flex_attention)
     rows = []
 

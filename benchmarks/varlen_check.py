@@ -11,13 +11,12 @@ attention function (llmft/varlen.py) and through flex with the document-causal b
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from attn_micro import doc_lengths, time_it
+from attn_micro import cli, doc_lengths, time_it
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from llmft import varlen
@@ -90,11 +89,7 @@ def speed(lengths, tokens):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default=".bench/data/lengths.json")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    lengths = json.loads(Path(args.lengths).read_text())
+    args, lengths = cli()
     varlen.register()
     torch.manual_seed(0)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
