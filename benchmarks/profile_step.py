@@ -74,11 +74,6 @@ LORA_MAX_DIM = 64
 GEMM_OP = re.compile(r"^aten::(mm|addmm_?|bmm|baddbmm_?|addbmm|_scaled_mm|matmul|linear)$")
 GEMM_KERNEL = re.compile(r"gemm|nvjet|xmma|cutlass|gemv|s16816|wgmma|splitK", re.I)
 ATTN_KERNEL = re.compile(r"flex_attention|flash|fmha|attention|attn", re.I)
-
-
-def _gemm_named(name: str) -> bool:
-    """A GEMM by its kernel's name; FlashAttention's kernels are templated on cutlass types, and are attention."""
-    return bool(GEMM_KERNEL.search(name)) and not name.startswith("triton_") and not ATTN_KERNEL.search(name)
 LIGER_KERNEL = re.compile(r"rms_norm|rmsnorm|swiglu|silu_mul|rope|rotary|cross_entropy|element_mul|layer_norm|liger",
                           re.I)
 INDUCTOR_KERNEL = re.compile(r"^triton_(poi|red|per)_")
@@ -97,6 +92,11 @@ TABLE = [("base_matmul", "frozen base projections (q/k/v/o, gate/up/down)"),
          ("optimizer", "optimizer step (AdamW, grad-norm clip, zero_grad)"),
          ("memcpy_memset_comm", "memcpy / memset / communication"),
          ("other", "other (unclassified)")]
+
+
+def _gemm_named(name: str) -> bool:
+    """A GEMM by its kernel's name; FlashAttention's kernels are templated on cutlass types, and are attention."""
+    return bool(GEMM_KERNEL.search(name)) and not name.startswith("triton_") and not ATTN_KERNEL.search(name)
 
 
 # --------------------------------------------------------------------------------------------- trace analysis
