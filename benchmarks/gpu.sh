@@ -27,6 +27,9 @@ if [ -z "${SKIP_WHL:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # installed from .whl/, or landed already installed by `hop.sh land 1`
 [ -z "${SKIP_WHL:-}" ] && [ -f /tmp/site/.done ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# FlashAttention-4's CuTe DSL, landed by `hop.sh land fa4`: its .pth file adds this folder in a site-packages only
+[ -z "${SKIP_WHL:-}" ] && [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] \
+  && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 [ -z "${SKIP_WHL:-}" ] && [ -d .whlbnb/site ] && export PYTHONPATH=$PWD/.whlbnb/site:$PYTHONPATH
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 
@@ -37,13 +40,14 @@ case "$cmd" in
     python3 - <<'EOF' | tee "$RES/env.json"
 import importlib.metadata as md, json, sys, torch
 pk = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow-skinny", "liger-kernel", "bitsandbytes",
-      "triton", "tokenizers", "huggingface-hub", "pyarrow", "fsspec", "sqlalchemy", "flash-attn", "kernels"]
+      "triton", "tokenizers", "huggingface-hub", "pyarrow", "fsspec", "sqlalchemy", "flash-attn", "kernels",
+      "flash-attn-4", "nvidia-cutlass-dsl", "quack-kernels", "apache-tvm-ffi"]
 v = {}
 for p in pk:
     try: v[p] = md.version(p)
     except md.PackageNotFoundError: v[p] = None
 ok = {}
-for m in ["trl", "datasets", "mlflow", "liger_kernel", "bitsandbytes", "llmft.train"]:
+for m in ["trl", "datasets", "mlflow", "liger_kernel", "bitsandbytes", "llmft.train", "flash_attn.cute.interface"]:
     try: __import__(m); ok[m] = "ok"
     except Exception as e: ok[m] = f"{type(e).__name__}: {e}"[:300]
 try:

@@ -46,6 +46,9 @@ declare -A SWITCHES=(
   [fastest_varlen_ind]="$FASTEST train.compile_regions=true train.attn_implementation=varlen $IND"
   [fastest_varlen_ind_fp8]="$FASTEST train.compile_regions=true train.attn_implementation=varlen $IND train.fp8=true"
   [fastest_varlen_fp8]="$FASTEST train.compile_regions=true train.attn_implementation=varlen train.fp8=true"
+  # eighth session: FlashAttention-4's kernels on the same boundaries
+  [fastest_fa4_ind]="$FASTEST train.compile_regions=true train.attn_implementation=varlen_fa4 $IND"
+  [fastest_fa4_ind_fp8]="$FASTEST train.compile_regions=true train.attn_implementation=varlen_fa4 $IND train.fp8=true"
   [sdpa_nopack]="train.packing=false train.attn_implementation=sdpa train.max_length=512"
 )
 CONFIGS=${CONFIGS:-ref liger compile fused_lora overlap fastest fp8 fastest_fp8 sdpa_nopack}

@@ -1,6 +1,7 @@
-"""train.attn_implementation=varlen on the GPU: is torch's FlashAttention varlen kernel as exact as flex, and how much
-faster, on packed rows of Dolly-length documents? Attention alone, forward + backward, through llmft's own
-attention function (llmft/varlen.py) and through flex with the document-causal block mask that transformers builds.
+"""train.attn_implementation=varlen (and varlen_fa4) on the GPU: are the FlashAttention varlen kernels as exact as
+flex, and how much faster, on packed rows of Dolly-length documents? Attention alone, forward + backward, through
+llmft's own attention function (llmft/varlen.py) with torch's kernels (`varlen`) and, where flash-attn-4 imports,
+FlashAttention-4's (`fa4`), and through flex with the document-causal block mask that transformers builds.
 
     bash benchmarks/gpu.sh py benchmarks/varlen_check.py --out DIR
 
@@ -31,11 +32,18 @@ def packed(docs, heads, kv_heads, dim):
     return q, k, v, cu
 
 
-def by_varlen(q, k, v, cu, docs):
-    return varlen.attention(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=cu,
-                            max_length_q=max(docs))[0][0]  # [T, H, D]
+KERNELS = {}  # llmft's varlen attention with each kernel: {"varlen": torch's, "fa4": FlashAttention-4's}
 
 
+def by_kernel(name):
+    def attend(q, k, v, cu, docs):
+        varlen.KERNEL = KERNELS[name]
+        return varlen.attention(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=cu,
+                                max_length_q=max(docs))[0][0]  # [T, H, D]
+    return attend
+
+
+METHODS = {}  # name -> attention function, filled by main()
 MASKS = {}  # transformers builds the block mask once a step, not once a layer: built once here too
 
 
@@ -69,7 +77,7 @@ def exactness(lengths, heads, kv_heads, dim, tokens=8192):
     g = torch.randn(sum(docs), heads, dim, device="cuda")
     ref = out_and_grads(by_sdpa_per_doc, q, k, v, cu, docs, torch.float32, g)
     row = {"heads": heads, "kv_heads": kv_heads, "dim": dim, "tokens": sum(docs), "documents": len(docs)}
-    for name, fn in (("varlen", by_varlen), ("flex", by_flex)):
+    for name, fn in METHODS.items():
         got = out_and_grads(fn, q, k, v, cu, docs, torch.bfloat16, g)
         row[name] = {part: float((a - b).abs().max()) for part, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
     return row
@@ -80,7 +88,7 @@ def speed(lengths, tokens):
     q, k, v, cu = (t.to(torch.bfloat16) if t.is_floating_point() else t for t in packed(docs, 32, 32, 128))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     row = {"tokens": tokens, "documents": len(docs)}
-    for name, fn in (("varlen", by_varlen), ("flex", by_flex)):
+    for name, fn in METHODS.items():
         def run():
             fn(q, k, v, cu, docs).sum().backward()
         row[f"{name}_ms_per_layer"] = time_it(run)
@@ -90,7 +98,13 @@ def speed(lengths, tokens):
 
 def main():
     args, lengths = cli()
-    varlen.register()
+    varlen.register("varlen")
+    KERNELS["varlen"] = varlen.KERNEL
+    try:
+        KERNELS["fa4"] = varlen._fa4_kernel()
+    except Exception as e:  # noqa: BLE001 - measured where it runs, reported where it does not
+        print(f"varlen_check: no FlashAttention-4 here ({e})", flush=True)
+    METHODS.update({name: by_kernel(name) for name in KERNELS}, flex=by_flex)
     torch.manual_seed(0)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "exactness": [exactness(lengths, 32, 32, 128), exactness(lengths, 9, 3, 64)],

@@ -125,6 +125,7 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
      "train.static_shapes=true"),
     ("train.compile_regions=true", "'train.compile_regions' needs train.torch_compile=true"),
     ("train.attn_implementation=varlen", "'train.attn_implementation' varlen needs train.packing=true"),
+    ("train.attn_implementation=varlen_fa4", "'train.attn_implementation' varlen_fa4 needs train.packing=true"),
     ('train.liger_kernels={"swiglu":false}', "'train.liger_kernels' needs train.use_liger_kernel=true"),
     ('train.use_liger_kernel=true train.liger_kernels={"rms_nrom":false}',
      "'train.liger_kernels' unknown Liger kernel 'rms_nrom' (did you mean 'rms_norm'?)"),

@@ -46,7 +46,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile mode
 # Liger's Llama layer kernels. Its fused linear cross-entropy is not among them: TRL's SFTTrainer turns it off and
 # computes the loss with its own fused LM head.
 LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen", "varlen_fa4")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
 
@@ -263,7 +263,8 @@ class TrainConfig:
     """eager, sdpa, flash_attention_2/3 (needs flash-attn), flex_attention, a hub kernel (org/name), null for the
     model default, or varlen: torch's own FlashAttention varlen kernels (llmft/varlen.py; needs train.packing and a
     CUDA GPU, no flash-attn package). Packed, varlen computes each document's causal triangle alone, where flex
-    computes every 128 x 128 block that a document touches."""
+    computes every 128 x 128 block that a document touches. varlen_fa4: the same with FlashAttention-4's kernels
+    (llmft/fa4.py; needs the flash-attn-4 package and a Hopper or Blackwell GPU)."""
     use_liger_kernel: bool = False
     """Liger's fused Triton kernels for the decoder layers (RMSNorm, SwiGLU, RoPE); needs liger-kernel + CUDA. The loss
     is TRL's fused LM head either way (TRL turns Liger's fused linear cross-entropy off)."""
@@ -358,8 +359,8 @@ class TrainConfig:
         a = self.attn_implementation
         if a is not None and "/" not in a:
             yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))
-        if a == "varlen":  # the documents' boundaries come from the padding-free collator
-            yield "attn_implementation", self.packing, "varlen needs train.packing=true"
+        if a in ("varlen", "varlen_fa4"):  # the documents' boundaries come from the padding-free collator
+            yield "attn_implementation", self.packing, f"{a} needs train.packing=true"
 
 
 # ----------------------------------------------------------------------------------------- tracking

@@ -128,10 +128,10 @@ def load_model(cfg: Config, base: str, precision: str):
     tc = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     kwargs = dict(dtype=dtype, revision=cfg.model.revision, **load_kwargs(cfg))
-    if tc.attn_implementation == "varlen":  # llmft's own: transformers must know the name before the model loads
+    if tc.attn_implementation in ("varlen", "varlen_fa4"):  # llmft's own: transformers must know it before loading
         from . import varlen
 
-        varlen.register()
+        varlen.register(tc.attn_implementation)
     if tc.attn_implementation:
         kwargs["attn_implementation"] = tc.attn_implementation
     if tc.qlora.enabled:

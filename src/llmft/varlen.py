@@ -1,10 +1,11 @@
-"""train.attn_implementation=varlen: packed rows attend through torch's own FlashAttention varlen kernels.
+"""train.attn_implementation=varlen (or varlen_fa4): packed rows attend through FlashAttention's varlen kernels.
 
 Flex attention masks a packed row in 128 x 128 blocks. Dolly's documents are short (about 200 tokens), so most of
 every block it computes is masked out. FlashAttention's varlen kernels take each document's boundaries and compute
 only its causal triangle. TRL's padding-free collator already computes those boundaries on the CPU (`cu_seq_lens_q`,
 `max_length_q`), and transformers passes them down to the attention function as keyword arguments. torch ships the
 kernels, forward and backward (`torch.nn.attention.varlen`, torch >= 2.10), so no flash-attn package is needed.
+`varlen_fa4` runs FlashAttention-4's Hopper/Blackwell kernels on the same boundaries instead (llmft/fa4.py).
 
 Registered with transformers' AttentionInterface under NAME; no mask function is registered, so transformers builds
 no mask for it. Padding-free packing only: one flat row, positions restarting at every document.
@@ -16,33 +17,35 @@ import math
 
 from .config import LlmftError
 
-NAME = "varlen"
+NAMES = ("varlen", "varlen_fa4")
 
 
 KERNEL = None
-"""(causal varlen attention, whether it takes fewer key/value heads than query heads): torch's, set by register()."""
+"""(causal varlen attention, whether it takes fewer key/value heads than query heads): torch's or FA4's, set by
+register(). One per process: a run trains with one attention implementation."""
 
 
-def register() -> None:
-    """Make NAME an attention implementation transformers can load a model with. Fails at once without a GPU."""
+def register(name: str = "varlen") -> None:
+    """Make `name` (one of NAMES) an attention implementation transformers can load a model with. Fails at once
+    without a GPU that runs its kernels, or without FlashAttention-4 for varlen_fa4."""
     from transformers import AttentionInterface
 
     global KERNEL
     if KERNEL is None:
-        KERNEL = _torch_kernel()
-    AttentionInterface.register(NAME, attention)
+        KERNEL = _torch_kernel() if name == "varlen" else _fa4_kernel()
+    AttentionInterface.register(name, attention)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D]; returns ([1, T, H, D], None)."""
     if cu_seq_lens_q is None or max_length_q is None:
-        raise LlmftError("train.attn_implementation=varlen needs the documents' boundaries (cu_seq_lens_q, "
+        raise LlmftError("train.attn_implementation=varlen(_fa4) needs the documents' boundaries (cu_seq_lens_q, "
                          "max_length_q) that TRL's padding-free collator adds: set train.packing=true")
     if query.shape[0] != 1:
-        raise LlmftError(f"train.attn_implementation=varlen takes one packed row per batch, got {query.shape[0]}")
+        raise LlmftError(f"train.attn_implementation=varlen(_fa4) takes one packed row per batch, got {query.shape[0]}")
     if dropout:
-        raise LlmftError("train.attn_implementation=varlen has no attention dropout")
+        raise LlmftError("train.attn_implementation=varlen(_fa4) has no attention dropout")
     kernel, gqa = KERNEL
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and not gqa:  # torch 2.10/2.11's varlen_attn wants as many key/value heads as query heads
@@ -71,3 +74,10 @@ def _torch_kernel():
     params = inspect.signature(varlen_attn).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     return functools.partial(varlen_attn, **causal), "enable_gqa" in params
+
+
+def _fa4_kernel():
+    from . import fa4
+
+    fa4.check_gpu()
+    return fa4.varlen_attn, True
