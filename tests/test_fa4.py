@@ -85,7 +85,8 @@ def by_sdpa(q, k, v, cu, _max):
 
 
 def by_fa4(q, k, v, cu, max_len):
-    return varlen.attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max_len)[0]
+    return varlen.attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max_len,
+                            kernel="varlen_fa4")[0]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -93,7 +94,7 @@ def test_fa4_ops_give_each_documents_attention_and_its_gradients(monkeypatch, co
     """The ops pass FA4 the boundaries, the scale and the grouped heads as they are, save what its backward reads, and
     under torch.compile their fake versions agree with what the kernels return."""
     monkeypatch.setattr(fa4, "interface", lambda: Reference)
-    monkeypatch.setattr(varlen, "KERNEL", (fa4.varlen_attn, True))
+    monkeypatch.setitem(varlen.KERNELS, "varlen_fa4", (fa4.varlen_attn, True))
     lengths = [5, 1, 9, 3]
     q, k, v, cu = packed(lengths)
     want_out, want_grads = through(by_sdpa, q, k, v, cu, lengths)
@@ -112,7 +113,7 @@ def test_without_flash_attn_4_or_a_hopper_gpu_it_says_what_to_install_or_use(mon
     monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # None in sys.modules: the import fails
     with pytest.raises(LlmftError, match=r"needs FlashAttention-4 .*pip install flash-attn-4.*or use .*=varlen"):
         fa4.interface()
-    monkeypatch.setattr(varlen, "KERNEL", None)
+    monkeypatch.delitem(varlen.KERNELS, "varlen_fa4", raising=False)
     if not torch.cuda.is_available():
         with pytest.raises(LlmftError, match="needs a Hopper or Blackwell GPU .*use train.attn_implementation=varlen"):
             varlen.register("varlen_fa4")

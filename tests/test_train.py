@@ -166,7 +166,7 @@ def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp
 
     from llmft import varlen
 
-    monkeypatch.setattr(varlen, "KERNEL", (reference, True))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, True))
     common = {"train.packing": True, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3}
     cfg = load_config("none.yaml", overrides(tmp_path / "v", tiny_model_dir, processed, tracking_uri, **common,
                                              **{"train.attn_implementation": "varlen"}))

@@ -38,7 +38,7 @@ def packed(lengths, heads, kv_heads, dim=8):
 def test_each_document_attends_to_itself_whatever_the_head_grouping(monkeypatch, takes_gqa):
     lengths = [5, 1, 9, 3]
     q, k, v, cu = packed(lengths, heads=6, kv_heads=2)
-    monkeypatch.setattr(varlen, "KERNEL", (reference, takes_gqa))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, takes_gqa))
     out, weights = varlen.attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max(lengths))
     assert out.shape == (1, sum(lengths), 6, 8) and weights is None  # [1, T, H, D], as transformers' own return
     # each document alone, query head h reading key/value head h // 3 (transformers' repeat_kv), scale passed on
@@ -53,10 +53,33 @@ def test_each_document_attends_to_itself_whatever_the_head_grouping(monkeypatch,
 
 def test_without_the_boundaries_or_a_gpu_it_says_what_to_set(monkeypatch):
     q, k, v, cu = packed([4, 4], heads=2, kv_heads=2)
-    monkeypatch.setattr(varlen, "KERNEL", (reference, True))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, True))
     with pytest.raises(LlmftError, match="set train.packing=true"):
         varlen.attention(None, q, k, v, None)
-    monkeypatch.setattr(varlen, "KERNEL", None)
+    monkeypatch.delitem(varlen.KERNELS, "varlen")
     if not torch.cuda.is_available():
         with pytest.raises(LlmftError, match="need a CUDA GPU: use flex_attention or sdpa"):
             varlen.register()
+
+
+def test_each_registered_name_runs_its_own_kernel_in_one_process(monkeypatch):
+    """llmft tune trains its trials in one process: a trial with varlen_fa4 after one with varlen (or the reverse)
+    must get FA4's kernel, through transformers' own table of attention functions."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = []
+
+    def kernel(tag):
+        def run(q, k, v, *args, **kw):
+            calls.append(tag)
+            return reference(q, k, v, *args, **kw)
+        return run
+
+    monkeypatch.setattr(varlen, "KERNELS", {})
+    monkeypatch.setattr(varlen, "_torch_kernel", lambda: (kernel("torch"), True))
+    monkeypatch.setattr(varlen, "_fa4_kernel", lambda: (kernel("fa4"), True))
+    q, k, v, cu = packed([3, 4], heads=2, kv_heads=2)
+    for name in ("varlen", "varlen_fa4", "varlen"):
+        varlen.register(name)
+        ALL_ATTENTION_FUNCTIONS[name](None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4)
+    assert calls == ["torch", "fa4", "torch"]

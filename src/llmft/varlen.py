@@ -7,11 +7,12 @@ only its causal triangle. TRL's padding-free collator already computes those bou
 kernels, forward and backward (`torch.nn.attention.varlen`, torch >= 2.10), so no flash-attn package is needed.
 `varlen_fa4` runs FlashAttention-4's Hopper/Blackwell kernels on the same boundaries instead (llmft/fa4.py).
 
-Registered with transformers' AttentionInterface under NAME; no mask function is registered, so transformers builds
+Registered with transformers' AttentionInterface under its name; no mask function is registered, so transformers builds
 no mask for it. Padding-free packing only: one flat row, positions restarting at every document.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -20,9 +21,9 @@ from .config import LlmftError
 NAMES = ("varlen", "varlen_fa4")
 
 
-KERNEL = None
-"""(causal varlen attention, whether it takes fewer key/value heads than query heads): torch's or FA4's, set by
-register(). One per process: a run trains with one attention implementation."""
+KERNELS: dict[str, tuple] = {}
+"""name -> (causal varlen attention, whether it takes fewer key/value heads than query heads): torch's for varlen,
+FA4's for varlen_fa4, filled by register()."""
 
 
 def register(name: str = "varlen") -> None:
@@ -30,15 +31,15 @@ def register(name: str = "varlen") -> None:
     without a GPU that runs its kernels, or without FlashAttention-4 for varlen_fa4."""
     from transformers import AttentionInterface
 
-    global KERNEL
-    if KERNEL is None:
-        KERNEL = _torch_kernel() if name == "varlen" else _fa4_kernel()
-    AttentionInterface.register(name, attention)
+    if name not in KERNELS:
+        KERNELS[name] = _torch_kernel() if name == "varlen" else _fa4_kernel()
+    AttentionInterface.register(name, functools.partial(attention, kernel=name))
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D]; returns ([1, T, H, D], None)."""
+              cu_seq_lens_q=None, max_length_q=None, kernel: str = "varlen", **kwargs):
+    """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D]; returns ([1, T, H, D], None).
+    `kernel` names the registered kernel (register() binds it)."""
     if cu_seq_lens_q is None or max_length_q is None:
         raise LlmftError("train.attn_implementation=varlen(_fa4) needs the documents' boundaries (cu_seq_lens_q, "
                          "max_length_q) that TRL's padding-free collator adds: set train.packing=true")
@@ -46,7 +47,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         raise LlmftError(f"train.attn_implementation=varlen(_fa4) takes one packed row per batch, got {query.shape[0]}")
     if dropout:
         raise LlmftError("train.attn_implementation=varlen(_fa4) has no attention dropout")
-    kernel, gqa = KERNEL
+    kernel, gqa = KERNELS[kernel]
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and not gqa:  # torch 2.10/2.11's varlen_attn wants as many key/value heads as query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -62,8 +63,6 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 def _torch_kernel():
     """torch 2.10 spells causality `is_causal=True`; 2.12 and later spell it `window_size=(-1, 0)`."""
-    import functools
-
     import torch
 
     if not torch.cuda.is_available():
