@@ -30,6 +30,7 @@ def interface():
 
 
 def check_gpu() -> None:
+    """Fail before the model loads, saying what to use instead, where FA4's kernels cannot run."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10, 11):
         raise LlmftError("train.attn_implementation=varlen_fa4 runs FlashAttention-4, which needs a Hopper or Blackwell "
                          "GPU (compute capability 9.x-11.x): use train.attn_implementation=varlen on other GPUs")
