@@ -27,7 +27,7 @@ if [ -z "${SKIP_WHL:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # installed from .whl/, or landed already installed by `hop.sh land 1`
 [ -z "${SKIP_WHL:-}" ] && [ -f /tmp/site/.done ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-# FlashAttention-4's CuTe DSL, landed by `hop.sh land fa4`: its .pth file adds this folder in a site-packages only
+# FlashAttention-4's CuTe DSL, landed by `hop.sh land 2`: its .pth file adds this folder in a site-packages only
 [ -z "${SKIP_WHL:-}" ] && [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] \
   && export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 [ -z "${SKIP_WHL:-}" ] && [ -d .whlbnb/site ] && export PYTHONPATH=$PWD/.whlbnb/site:$PYTHONPATH

@@ -45,8 +45,7 @@ case "${1:-}" in
     declare -A at=()  # bytes of each payload already cut
     for entry in $LAYOUT; do
       IFS=: read -r hop name size <<< "$entry"
-      src=/tmp/hop_pack/$name; from=${at[$name]:-0}; n=$(ls ".hop$hop" | grep -c "^$name.part" || true)
-      part=".hop$hop/$name.part-$hop$n"
+      src=/tmp/hop_pack/$name; from=${at[$name]:-0}; part=".hop$hop/$name.part-$hop"  # in call order by name
       if [ "$size" = rest ]; then
         dd if="$src" of="$part" iflag=skip_bytes skip="$from" status=none
         (cd /tmp/hop_pack && sha256sum "$name") > ".hop$hop/$name.sha256"

@@ -62,7 +62,7 @@ declare -A V=(
   [varlen_bf16_noliger]="$VL train.use_liger_kernel=false"
   [varlen_bf16_bs6_ind]="$VL train.batch_size=6 $IND"
   [varlen_bf16_ind_workers]="$VL $IND train.dataloader_workers=2"  # collation off the main thread
-  # eighth session: FlashAttention-4's Hopper kernels on the same boundaries (needs `hop.sh land fa4`)
+  # eighth session: FlashAttention-4's Hopper kernels on the same boundaries (needs `hop.sh land 2`)
   [fa4_bf16_ind]="$VL $IND train.attn_implementation=varlen_fa4"
   [fa4_bf16_bs6_ind]="$VL $IND train.attn_implementation=varlen_fa4 train.batch_size=6"
   [fa4_fp8_bs6_ind]="$VL $IND train.attn_implementation=varlen_fa4 train.fp8=true train.batch_size=6"

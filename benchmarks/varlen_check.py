@@ -37,7 +37,7 @@ def by_kernel(name):
     """llmft's varlen attention with one registered kernel: `varlen` (torch's) or `varlen_fa4` (FlashAttention-4's)."""
     def attend(q, k, v, cu, docs):
         return varlen.attention(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=cu,
-                                max_length_q=max(docs), kernel=name)[0][0]  # [T, H, D]
+                                max_length_q=max(docs), impl=name)[0][0]  # [T, H, D]
     return attend
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_varlen import packed, reference
 
 from llmft import fa4, varlen
 from llmft.config import LlmftError
@@ -58,15 +58,6 @@ class Reference:
         return dq, dk, dv
 
 
-def packed(lengths, heads=6, kv_heads=2, dim=8):
-    """transformers' layout for one packed row (query [1, H, T, D], key/value [1, Hkv, T, D]) and the boundaries."""
-    g = torch.Generator().manual_seed(0)
-    t = sum(lengths)
-    q, k, v = (torch.randn(1, h, t, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, cu
-
-
 def through(attend, q, k, v, cu, lengths):
     """Output [1, T, H, D] and the q/k/v gradients of a fixed weighting of it."""
     out = attend(q, k, v, cu, max(lengths))
@@ -75,18 +66,15 @@ def through(attend, q, k, v, cu, lengths):
     return out.detach(), grads
 
 
-def by_sdpa(q, k, v, cu, _max):
-    """Each document alone, query head h reading key/value head h // 3 (transformers' repeat_kv)."""
-    outs = []
-    for a, b in _documents(cu):
-        kk, vv = (t[:, :, a:b].repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], kk, vv, is_causal=True, scale=0.3).transpose(1, 2))
-    return torch.cat(outs, dim=1)
+def by_sdpa(q, k, v, cu, max_len):
+    """test_varlen's reference kernel: each document alone through sdpa, query head h reading key/value head h // 3."""
+    q1, k1, v1 = (t[0].transpose(0, 1) for t in (q, k, v))
+    return reference(q1, k1, v1, cu, cu, max_len, max_len, scale=0.3, enable_gqa=True).unsqueeze(0)
 
 
 def by_fa4(q, k, v, cu, max_len):
     return varlen.attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max_len,
-                            kernel="varlen_fa4")[0]
+                            impl="varlen_fa4")[0]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -96,7 +84,8 @@ def test_fa4_ops_give_each_documents_attention_and_its_gradients(monkeypatch, co
     monkeypatch.setattr(fa4, "interface", lambda: Reference)
     monkeypatch.setitem(varlen.KERNELS, "varlen_fa4", (fa4.varlen_attn, True))
     lengths = [5, 1, 9, 3]
-    q, k, v, cu = packed(lengths)
+    q, k, v, cu = packed(lengths, heads=6, kv_heads=2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     want_out, want_grads = through(by_sdpa, q, k, v, cu, lengths)
     torch._dynamo.reset()
     attend = torch.compile(by_fa4, fullgraph=True) if compiled else by_fa4

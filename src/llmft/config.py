@@ -46,7 +46,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile mode
 # Liger's Llama layer kernels. Its fused linear cross-entropy is not among them: TRL's SFTTrainer turns it off and
 # computes the loss with its own fused LM head.
 LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen", "varlen_fa4")
+VARLEN = ("varlen", "varlen_fa4")  # llmft's own (llmft/varlen.py), registered with transformers before the model loads
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", *VARLEN)
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
 
@@ -359,7 +360,7 @@ class TrainConfig:
         a = self.attn_implementation
         if a is not None and "/" not in a:
             yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))
-        if a in ("varlen", "varlen_fa4"):  # the documents' boundaries come from the padding-free collator
+        if a in VARLEN:  # the documents' boundaries come from the padding-free collator
             yield "attn_implementation", self.packing, f"{a} needs train.packing=true"
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import CUDA_GRAPH_MODES, Config, LlmftError, to_dict
+from .config import CUDA_GRAPH_MODES, VARLEN, Config, LlmftError, to_dict
 from .models import atomic_dir, load_kwargs, load_tokenizer, resolve_base
 from .tracking import write_atomic
 
@@ -128,7 +128,7 @@ def load_model(cfg: Config, base: str, precision: str):
     tc = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     kwargs = dict(dtype=dtype, revision=cfg.model.revision, **load_kwargs(cfg))
-    if tc.attn_implementation in ("varlen", "varlen_fa4"):  # llmft's own: transformers must know it before loading
+    if tc.attn_implementation in VARLEN:  # llmft's own: transformers must know it before loading
         from . import varlen
 
         varlen.register(tc.attn_implementation)

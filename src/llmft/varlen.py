@@ -18,28 +18,25 @@ import math
 
 from .config import LlmftError
 
-NAMES = ("varlen", "varlen_fa4")
-
-
 KERNELS: dict[str, tuple] = {}
 """name -> (causal varlen attention, whether it takes fewer key/value heads than query heads): torch's for varlen,
 FA4's for varlen_fa4, filled by register()."""
 
 
 def register(name: str = "varlen") -> None:
-    """Make `name` (one of NAMES) an attention implementation transformers can load a model with. Fails at once
+    """Make `name` (one of config.VARLEN) an attention implementation transformers can load a model with. Fails at once
     without a GPU that runs its kernels, or without FlashAttention-4 for varlen_fa4."""
     from transformers import AttentionInterface
 
     if name not in KERNELS:
         KERNELS[name] = _torch_kernel() if name == "varlen" else _fa4_kernel()
-    AttentionInterface.register(name, functools.partial(attention, kernel=name))
+    AttentionInterface.register(name, functools.partial(attention, impl=name))
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              cu_seq_lens_q=None, max_length_q=None, kernel: str = "varlen", **kwargs):
+              cu_seq_lens_q=None, max_length_q=None, impl: str = "varlen", **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D]; returns ([1, T, H, D], None).
-    `kernel` names the registered kernel (register() binds it)."""
+    `impl` names the registered kernel, a key of KERNELS (register() binds it)."""
     if cu_seq_lens_q is None or max_length_q is None:
         raise LlmftError("train.attn_implementation=varlen(_fa4) needs the documents' boundaries (cu_seq_lens_q, "
                          "max_length_q) that TRL's padding-free collator adds: set train.packing=true")
@@ -47,7 +44,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         raise LlmftError(f"train.attn_implementation=varlen(_fa4) takes one packed row per batch, got {query.shape[0]}")
     if dropout:
         raise LlmftError("train.attn_implementation=varlen(_fa4) has no attention dropout")
-    kernel, gqa = KERNELS[kernel]
+    kernel, gqa = KERNELS[impl]
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and not gqa:  # torch 2.10/2.11's varlen_attn wants as many key/value heads as query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
