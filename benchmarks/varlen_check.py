@@ -21,7 +21,7 @@ from attn_micro import cli, doc_lengths, time_it
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from llmft import varlen
-from llmft.config import LlmftError
+from llmft.errors import LlmftError
 
 flex = torch.compile(flex_attention)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmft import ask, generate, templates
-from llmft.config import GenerationConfig, LlmftError, load_config, rebased_paths
+from llmft.config import GenerationConfig, load_config, rebased_paths
+from llmft.errors import LlmftError
 from test_registry import make_adapter, make_cfg, register_with, store  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

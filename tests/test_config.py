@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmft.config import Config, LlmftError, describe, load_config
+from llmft.config import Config, describe, load_config
+from llmft.errors import LlmftError
 
 ROOT = Path(__file__).resolve().parents[1]
 

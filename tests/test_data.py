@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmft import data
-from llmft.config import LlmftError, load_config
+from llmft.config import load_config
+from llmft.errors import LlmftError
 
 
 def _cfg(tmp_path, **over):

@@ -10,7 +10,8 @@ import pytest
 
 from judge_server import JudgeServer
 from llmft import templates, tracking
-from llmft.config import LlmftError, load_config, rebased_paths
+from llmft.config import load_config, rebased_paths
+from llmft.errors import LlmftError
 from llmft.evaluate import candidates, evaluate
 from test_eval_judges import _show_result
 from test_registry import make_adapter

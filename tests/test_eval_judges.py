@@ -8,7 +8,8 @@ import time
 import pytest
 
 from judge_server import JudgeServer
-from llmft.config import JudgeConfig, LlmftError
+from llmft.config import JudgeConfig
+from llmft.errors import LlmftError
 from llmft.evaluate import alpacaeval, judges, mtbench, sources
 
 
@@ -269,7 +270,7 @@ def _show_result(path) -> dict:
 def test_mt_bench_scores_each_side_as_fastchat_does(tmp_path):
     """Parse failures on both sides, in different places: each side's score is its own FastChat score (its
     parsed ratings only), by hand and by FastChat's show_result; the CI pairs what both sides parsed."""
-    from llmft.evaluate.report import write_jsonl
+    from llmft.io import write_jsonl
 
     questions = [{"question_id": 81, "category": "writing"}, {"question_id": 111, "category": "math"},
                  {"question_id": 82, "category": "writing"}]

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from llmft import models
-from llmft.config import LlmftError, load_config, rebased_paths
+from llmft.config import load_config, rebased_paths
+from llmft.errors import LlmftError
 from llmft.evaluate import evaluate
 from test_registry import make_adapter
 from test_serving import free_port, start_process, stop_process, wait_until_up

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from judge_server import FAULT_KINDS, JudgeServer
-from llmft.config import LlmftError, load_config, rebased_paths
+from llmft.config import load_config, rebased_paths
+from llmft.errors import LlmftError
 from llmft.evaluate import evaluate, saved
 
 ROOT = Path(__file__).resolve().parents[1]

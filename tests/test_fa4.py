@@ -14,7 +14,7 @@ import torch
 from test_varlen import packed, reference
 
 from llmft import fa4, varlen
-from llmft.config import LlmftError
+from llmft.errors import LlmftError
 
 
 def _documents(cu):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from llmft import fp8
-from llmft.config import LlmftError, load_config
+from llmft.config import load_config
+from llmft.errors import LlmftError
 
 
 def _rel(a, b) -> float:

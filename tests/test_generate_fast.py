@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from llmft import generate, templates
-from llmft.config import GenerationConfig, LlmftError, load_config
+from llmft.config import GenerationConfig, load_config
+from llmft.errors import LlmftError
 
 QUESTIONS = ["Name a colour.", "Write a long story about " + "a cat and a dog " * 40, "x",
              "What is the capital of France? Answer briefly, please.", "Count: " + " ".join(map(str, range(60))),

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llmft import metrics, registry, tracking
-from llmft.config import Config, LlmftError, load_config, rebased_paths
+from llmft import io, metrics, registry, tracking
+from llmft.config import Config, load_config, rebased_paths
+from llmft.errors import LlmftError
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def write_eval(cfg: Config, tuned) -> None:
     ref = metrics.parse(cfg.register.metric)
     row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4,
            "higher_is_better": bool(metrics.known_higher_is_better(ref))}
-    tracking.write_json(Path(cfg.paths.eval_dir) / "table.json",
+    io.write_json(Path(cfg.paths.eval_dir) / "table.json",
                         {ref.row: row, "mt_bench": {"status": "skipped", "reason": "no judge"}})
 
 
@@ -96,12 +97,12 @@ def version_tags(name: str, version: int) -> dict:
 # ------------------------------------------------------------------------------------ unit, no server
 def test_metric_references_read_and_explain(tmp_path):
     table, train = tmp_path / "table.json", tmp_path / "train.json"
-    tracking.write_json(table, {"test_loss": {"tuned": 1.25, "higher_is_better": False},
+    io.write_json(table, {"test_loss": {"tuned": 1.25, "higher_is_better": False},
                                 "lm_eval_mmlu_acc": {"tuned": 0.5, "higher_is_better": True},
                                 "rouge_l/open_qa": {"tuned": 0.3}, "rouge_l": {"tuned": True},
                                 "test_perplexity": {"tuned": float("nan")},
                                 "mt_bench": {"status": "skipped", "reason": "no judge"}})
-    tracking.write_json(train, {"best_eval_loss": 1.1, "eval_loss": None})
+    io.write_json(train, {"best_eval_loss": 1.1, "eval_loss": None})
 
     def read(text):
         return metrics.read(metrics.parse(text), train, table)

@@ -608,7 +608,8 @@ def code_model(src: Path, out: Path, model_type: str) -> Path:
 
 def test_shipped_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_dir):
     from llmft import generate, models
-    from llmft.config import LlmftError, load_config
+    from llmft.config import load_config
+    from llmft.errors import LlmftError
 
     known = code_model(tiny_model_dir, tmp_path / "known", "llama")
     cfg = load_config(tmp_path / "none.yaml", [f"model.base={known}"])
@@ -632,7 +633,8 @@ def test_pickle_weights_load_only_with_allow_pickle(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from llmft import generate, models
-    from llmft.config import LlmftError, load_config
+    from llmft.config import load_config
+    from llmft.errors import LlmftError
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors"))

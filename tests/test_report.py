@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmft import pdf, report, tracking
-from llmft.config import LlmftError, flatten, load_config, rebased_paths, to_dict
+from llmft import io, pdf, report, tracking
+from llmft.config import flatten, load_config, rebased_paths, to_dict
+from llmft.errors import LlmftError
 from llmft.evaluate import stats
 from llmft.evaluate import NO_JUDGE
 from llmft.report_rules import num, signed, span
@@ -86,7 +87,7 @@ def write_records(root: Path, store: str):
     split = {s: {"rows": n, "categories": {c: n // len(CATS) for c in CATS},
                  "tokens": {"p50": 100 + i, "p90": 190 + i, "p99": 240 + i, "max": 251 + i, "mean": 112 + i}}
              for i, (s, n) in enumerate(split_rows.items())}
-    tracking.write_json(Path(cfg.paths.data) / "stats.json", {
+    io.write_json(Path(cfg.paths.data) / "stats.json", {
         "provenance": {"source": "embedded", "path": "/x/assets/sample.jsonl", "sha256": "ab" * 32},
         "template": "alpaca", "rows_in": 163, "dropped": {"empty_response": 1, "empty_instruction": 0, "duplicate": 2},
         "splits": split})
@@ -96,13 +97,13 @@ def write_records(root: Path, store: str):
     from llmft.plots import loss_curves
 
     loss_curves(train_pts, val_pts, plots_dir)
-    tracking.write_json(cfg.paths.train_metrics, {
+    io.write_json(cfg.paths.train_metrics, {
         "train_loss": train_pts[-1][1], "eval_loss": val_pts[-1][1], "best_eval_loss": min(v for _, v in val_pts),
         "steps": 20, "epochs": 0.625, "tokens_seen": 41234, "runtime_s": 212.4, "tokens_per_s": 194.1,
         "steady_tokens_per_s": 201.7, "resumed_from": "", "peak_rss_gib": 3.21})
     eval_dir = Path(cfg.paths.eval_dir)
-    tracking.write_json(eval_dir / "table.json", _eval_table(rng))
-    tracking.write_json(eval_dir / "meta.json", {"runtime_s": 95.0})
+    io.write_json(eval_dir / "table.json", _eval_table(rng))
+    io.write_json(eval_dir / "meta.json", {"runtime_s": 95.0})
 
     import mlflow
 
@@ -116,7 +117,7 @@ def write_records(root: Path, store: str):
                          "cpu_count": "2", "ram_gb": "7.8", "gpu": "none", "python": "3.11.7",
                          "platform": "Linux-6.1-x86_64", "version.torch": "2.13.0", "version.peft": "0.21.2"})
         mlflow.log_metric("final/train_loss", train_pts[-1][1])
-    tracking.write_json(cfg.paths.register_metrics, {
+    io.write_json(cfg.paths.register_metrics, {
         "model_name": "llmft", "version": 3, "alias": "champion", "promoted": True, "decision": "promoted",
         "reason": "better", "metric": "test_loss.tuned", "direction": "minimize", "candidate": 1.7, "champion": 1.9,
         "champion_version": 2})
@@ -278,7 +279,7 @@ def test_missing_records_and_secrets(tmp_path, store):
     table_path = Path(cfg.paths.eval_dir) / "table.json"
     table = json.loads(table_path.read_text())
     table["mt_bench"]["reason"] = "judge failed: 401 for key sk-abcdef1234567890 at https://user:pw@judge.example/v1"
-    tracking.write_json(table_path, table)
+    io.write_json(table_path, table)
     text = flat(text_of(report.report(cfg)))
     assert "sk-abcdef" not in text and "user:pw" not in text and "judge.example/v1" in text
 

@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from llmft import generate, serving, templates
-from llmft.config import GenerationConfig, LlmftError
+from llmft.config import GenerationConfig
+from llmft.errors import LlmftError
 from test_registry import champion_version, make_adapter, make_cfg, register_with, version_tags
 
 SYSTEM = "Answer in one short sentence."

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmft import data, train
-from llmft.config import LlmftError, load_config
+from llmft.config import load_config
+from llmft.errors import LlmftError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from llmft import data
-from llmft.config import LlmftError, load_config, rebased_paths
+from llmft.config import load_config, rebased_paths
+from llmft.errors import LlmftError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmft import varlen
-from llmft.config import LlmftError
+from llmft.errors import LlmftError
 
 
 def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False):

@@ -15,7 +15,8 @@ import re
 import shlex
 import sys
 
-from .config import LlmftError, describe, load_config, to_dict
+from .config import describe, load_config, to_dict
+from .errors import LlmftError
 
 # verb -> (module, function, one-line help). Modules are imported only when their verb runs.
 VERBS = {

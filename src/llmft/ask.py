@@ -18,7 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from .config import Config, LlmftError
+from .config import Config
+from .errors import LlmftError
 
 SIDES = ("base", "tuned")
 

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Literal, Optional
 
 import yaml
 
+from .errors import LlmftError
 
-class LlmftError(Exception):
-    """An error the user can fix (bad params, bad input file, missing model). Printed without a traceback."""
+
 
 
 Check = Iterator[tuple[str, bool, str]]

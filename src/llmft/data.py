@@ -17,10 +17,11 @@ from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
 
-from .config import MIN_ROWS, Config, DataConfig, LlmftError
-from .models import atomic_dir, load_tokenizer, resolve_base
+from .config import MIN_ROWS, Config, DataConfig
+from .errors import LlmftError
+from .io import atomic_dir, write_json
+from .models import load_tokenizer, resolve_base
 from .templates import format_example
-from .tracking import write_json
 
 COLUMNS = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")

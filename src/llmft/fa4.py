@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LlmftError
+from .errors import LlmftError
 
 INSTALL = "pip install flash-attn-4==4.0.0b40 'nvidia-cutlass-dsl[cu13]==4.8.1' (tested with torch 2.11 + CUDA 13)"
 

@@ -83,7 +83,7 @@ def convert(model, release: bool = False) -> tuple[int, int]:
 
 def check_device() -> None:
     """FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); CPUs run them slowly (tests)."""
-    from .config import LlmftError
+    from .errors import LlmftError
 
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()

@@ -81,7 +81,7 @@ def _load(path: Path) -> tuple[Optional[dict], str]:
     try:
         return json.loads(path.read_text()), ""
     except json.JSONDecodeError as e:
-        from .config import LlmftError
+        from .errors import LlmftError
 
         raise LlmftError(f"{path}: not valid JSON ({e})") from None
 
@@ -116,7 +116,7 @@ def read(ref: MetricRef, train_metrics: Path, eval_table: Path) -> tuple[Optiona
 def resolve_direction(ref: MetricRef, explicit: Optional[str], marked: Optional[bool]) -> str:
     """The direction to rank by: explicit, else the benchmark table's, else what the output file marks.
     An explicit one that contradicts the file is refused (it would promote worse models)."""
-    from .config import LlmftError
+    from .errors import LlmftError
 
     hib = marked if marked is not None else known_higher_is_better(ref)
     if explicit is not None:

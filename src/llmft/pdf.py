@@ -6,7 +6,6 @@ mode: no creation date, fixed document id), so an unchanged run gives an unchang
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -17,6 +16,8 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import cm
 from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+from .io import atomic_path
 
 PAGE = A4
 MARGIN = 2.0 * cm
@@ -129,15 +130,10 @@ def write(story: list, out_pdf: Path, title: str, footer: str) -> int:
     """Lay out `story` into out_pdf atomically (a crash leaves the previous PDF); returns the page count."""
     fonts()
     out_pdf = Path(out_pdf)
-    out_pdf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_pdf.with_name(f".{out_pdf.name}.tmp{os.getpid()}")
-    doc = SimpleDocTemplate(str(tmp), pagesize=PAGE, leftMargin=MARGIN, rightMargin=MARGIN, topMargin=1.8 * cm,
-                            bottomMargin=1.9 * cm, title=title, author="llmft", creator="llmft report",
-                            invariant=1)
-    doc.llmft_footer = footer
-    try:
+    with atomic_path(out_pdf) as tmp:
+        doc = SimpleDocTemplate(str(tmp), pagesize=PAGE, leftMargin=MARGIN, rightMargin=MARGIN, topMargin=1.8 * cm,
+                                bottomMargin=1.9 * cm, title=title, author="llmft", creator="llmft report",
+                                invariant=1)
+        doc.llmft_footer = footer
         doc.build(story, onFirstPage=_footer, onLaterPages=_footer)
-        os.replace(tmp, out_pdf)
-    finally:
-        tmp.unlink(missing_ok=True)
     return doc.page

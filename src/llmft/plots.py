@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
+
+from .io import atomic_path
 
 # verdict key (evaluate.report.verdict) -> colour: green better, red worse, grey inconclusive
 VERDICT_COLORS = {"better": "#1b7837", "worse": "#b2182b", "ns": "#555555", "few": "#aaaaaa", "none": "#aaaaaa"}
 
 
 def _write_csv(path: Path, points: list[tuple[int, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows(points)
-    os.replace(tmp, path)
 
 
 def read_curve(path: Path) -> list[tuple[int, float]]:
@@ -41,12 +40,10 @@ def _pyplot():
 
 def _save(fig, path: Path, dpi: int | None = None) -> Path:
     plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    # No Software/date metadata: the same records give the same bytes (and the same PDF).
-    fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        # No Software/date metadata: the same records give the same bytes (and the same PDF).
+        fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import metrics, models, tracking
-from .config import Config, LlmftError, to_dict
+from .config import Config, to_dict
+from .errors import LlmftError
+from .io import write_json
 
 # What the served model imports; pinned to this environment's versions. Passed explicitly because
 # MLflow's inference of requirements for torch models asks for torchvision.
@@ -104,7 +106,7 @@ def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None)
             "generation": to_dict(gen),
             "limits": {"max_rows": r.max_request_rows, "max_input_chars": r.max_input_chars,
                        "max_new_tokens": r.max_new_tokens_limit}}
-    tracking.write_json(workdir / pyfunc_model.META, meta)
+    write_json(workdir / pyfunc_model.META, meta)
     artifacts = {"adapter": str(Path(adapter).resolve()), "meta": str(workdir / pyfunc_model.META)}
     if r.log_base_weights:
         artifacts["base"] = base
@@ -133,7 +135,7 @@ def register(cfg: Config) -> dict:
     with tracking.start_run(cfg, new=False):
         result = promote(cfg, paths.adapter, candidate, direction, missing_why)
     result["runtime_s"] = round(time.time() - start, 1)  # the report's runtime table
-    tracking.write_json(paths.register_metrics, result)
+    write_json(paths.register_metrics, result)
     return result
 
 
@@ -256,7 +258,7 @@ def promote(cfg: Config, adapter: str, candidate: Optional[float], direction: st
               "champion_version": int(champion_version) if champion_version else None}
     if candidate is None:
         result["missing"] = missing_why
-    tracking.write_json(cfg.paths.register_metrics, result)
+    write_json(cfg.paths.register_metrics, result)
     client.set_model_version_tag(r.model_name, version, DONE_TAG, "true")
     vs = f"{r.metric} {candidate} vs champion v{champion_version}: {champion}" if champion_version else f"{r.metric} {candidate}"
     holder = version if promote_it else champion_version

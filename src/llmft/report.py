@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import pdf, plots
-from .config import Config, LlmftError, to_dict
+from .config import Config, to_dict
+from .errors import LlmftError
 from .data import SPLITS
 from .evaluate.report import VERDICTS, verdict
 from .report_rules import (MIN_N_VERDICT, abstract, categories, count, discussion, model_name, not_run, num, redact,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from .config import LlmftError
+from .errors import LlmftError
 
 
 def _server_message(resp) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .config import LlmftError
+from .errors import LlmftError
 
 TEMPLATES = ("alpaca", "llama2_chat", "model_chat")
 

@@ -5,7 +5,6 @@ it from there, so the MLflow UI shows params, curves, eval metrics and the model
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -13,7 +12,9 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import Config, LlmftError, TrackingConfig
+from .config import Config, TrackingConfig
+from .errors import LlmftError
+from .io import write_atomic
 
 # Keys that may hold secrets are never logged, whatever their source (an env var's *name* is fine).
 SECRET_KEYS = {"api_key", "apikey", "key", "token", "access_token", "hf_token", "secret", "password"}
@@ -127,17 +128,6 @@ def close_orphans(exp_id: str) -> list[str]:
     if closed:
         print(f"tracking: marked {len(closed)} run(s) FAILED whose process had died: {', '.join(closed)}", flush=True)
     return closed
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.llmft-tmp{os.getpid()}")  # models.TMP: ignored by git and DVC
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, obj) -> None:
-    write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _secret(key: str) -> bool:

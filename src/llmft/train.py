@@ -29,9 +29,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import CUDA_GRAPH_MODES, VARLEN, Config, LlmftError, to_dict
-from .models import atomic_dir, load_kwargs, load_tokenizer, resolve_base
-from .tracking import write_atomic
+from .config import CUDA_GRAPH_MODES, VARLEN, Config, to_dict
+from .errors import LlmftError
+from .io import atomic_dir, write_atomic, write_json
+from .models import load_kwargs, load_tokenizer, resolve_base
 
 
 def train(cfg: Config, callbacks=(), on_run=None) -> dict:
@@ -579,13 +580,13 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
             final = {**metrics, "tokens_per_s": None, "steady_tokens_per_s": None, "runtime_s": None}
             # kept, so the next replay writes the same train.json (its peak memory differs every time): else DVC
             # sees train's metrics change on every `dvc repro -f` and reruns register and report
-            tracking.write_json(Path(resume) / FINAL, final)
+            write_json(Path(resume) / FINAL, final)
         metrics = final
     else:
         last = last_complete_checkpoint(Path(paths.checkpoints))
         if last and int(last.rsplit("-", 1)[1]) == state.global_step:
-            tracking.write_json(Path(last) / FINAL, metrics)
-    tracking.write_json(paths.train_metrics, metrics)
+            write_json(Path(last) / FINAL, metrics)
+    write_json(paths.train_metrics, metrics)
     # "final/...": one section of the UI's charts (a "/" prefix groups them), apart from the loss curves
     mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     mlflow.log_artifacts(str(out), "adapter")

@@ -28,7 +28,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .config import Config, LlmftError, rebased_paths, set_key, validate
+from .config import Config, rebased_paths, set_key, validate
+from .errors import LlmftError
 from .tracking import alive as _alive
 
 # Paths every trial shares with the project (inputs and caches); all others go to the trial's own folder.
@@ -380,7 +381,7 @@ def finish(cfg: Config, study, parent: str, direction: str) -> dict:
     _log_study(cfg, study, parent, table, out_dir)
     if cfg.tune.promote:
         summary["registry"] = promote_best(cfg, study, best)
-    from .tracking import write_json
+    from .io import write_json
 
     write_json(out_dir / "summary.json", summary)
     client.log_dict(parent, summary, "study/summary.json")
@@ -428,7 +429,7 @@ def _log_study(cfg: Config, study, parent: str, table: list[dict], out_dir: Path
     import pandas as pd
     from mlflow import MlflowClient
 
-    from .tracking import write_atomic
+    from .io import write_atomic
 
     client = MlflowClient()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import functools
 import inspect
 import math
 
-from .config import LlmftError
+from .errors import LlmftError
 
 KERNELS: dict[str, tuple] = {}
 """name -> (causal varlen attention, whether it takes fewer key/value heads than query heads): torch's for varlen,

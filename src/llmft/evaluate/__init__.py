@@ -27,8 +27,9 @@ import math
 import time
 from pathlib import Path
 
-from ..config import Config, LlmftError
-from ..tracking import write_atomic, write_json
+from ..config import Config
+from ..errors import LlmftError
+from ..io import write_atomic, write_json
 from . import judges, report
 from .benchmarks import BENCHMARKS
 

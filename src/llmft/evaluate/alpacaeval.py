@@ -16,8 +16,8 @@ import numpy as np
 
 from . import candidates as cands
 from . import judges, sources, stats
-from ..tracking import write_json
-from .report import outputs_dir, write_jsonl
+from ..io import write_json, write_jsonl
+from .report import outputs_dir
 from .saved import same_file
 
 REFERENCE = "gpt4_1106_preview"

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import Config, LlmftError
+from ..config import Config
+from ..errors import LlmftError
 from ..templates import format_example, render_prompt
 
 SIDES = ("base", "tuned")

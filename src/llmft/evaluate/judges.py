@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import JudgeConfig, LlmftError
+from ..config import JudgeConfig
+from ..errors import LlmftError
+from ..io import TMP
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -138,7 +140,8 @@ def _read_cache(path: Path) -> Optional[dict]:
 
 def _write_cache(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # one temporary name per thread: the judge's worker threads may write the same cache entry at once
+    tmp = path.with_name(f".{path.name}.{TMP}{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(json.dumps(record, ensure_ascii=False))
     os.replace(tmp, path)
 

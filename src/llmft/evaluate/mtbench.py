@@ -14,7 +14,8 @@ import numpy as np
 
 from . import candidates as cands
 from . import judges, sources, stats
-from .report import outputs_dir, write_jsonl
+from ..io import write_jsonl
+from .report import outputs_dir
 from .saved import same_file
 
 

@@ -1,13 +1,11 @@
 """The results table as JSON (DVC metrics), markdown and PNG charts, and its logging to the MLflow run."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from pathlib import Path
 
-from ..tracking import write_atomic
+from ..io import atomic_path
 
 
 # below this many paired examples a bootstrap CI says little (n = 1 gives a zero-width interval)
@@ -17,10 +15,6 @@ MIN_N_VERDICT = 5
 def outputs_dir(cfg) -> Path:
     """Generated answers and judgments, in the formats alpaca_eval and FastChat read."""
     return Path(cfg.paths.eval_dir) / "outputs"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
 def is_result(row: dict) -> bool:
@@ -82,11 +76,9 @@ def markdown(table: dict, header: str = "", footer: list[str] = ()) -> str:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from . import candidates as cands
 from . import sources, stats
-from .report import outputs_dir, write_jsonl
+from ..io import write_jsonl
+from .report import outputs_dir
 
 
 def run(c: cands.Candidates, judge=None) -> dict:

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Config, LlmftError
+from ..config import Config
+from ..errors import LlmftError
 from . import sources
 
 SIDES = ("base", "tuned")

@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, LlmftError
+from ..config import Config
+from ..errors import LlmftError
 
 Loaded = tuple[Optional[list[dict]], Optional[str]]
 
