@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmft import ask, generate, templates
+from llmft import ask, generate, models, templates
 from llmft.config import GenerationConfig, load_config, rebased_paths
 from llmft.errors import LlmftError
 from test_registry import make_adapter, make_cfg, register_with, store  # noqa: F401 (fixture)
@@ -23,7 +23,7 @@ def adapter(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def expected(model_dir: Path, adapter_dir: Path | None, instruction: str, gen: GenerationConfig) -> str:
-    model, tok = generate.load(str(model_dir), str(adapter_dir) if adapter_dir else None)
+    model, tok = models.load_with_tokenizer(models.config_for(model_dir), adapter_dir)
     prompt = templates.render_prompt("alpaca", [(instruction, None)], "", "", tok)
     return generate.generate(model, tok, [prompt], gen, progress=False)[0]
 

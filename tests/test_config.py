@@ -120,17 +120,18 @@ def test_every_problem_is_reported_at_once_with_suggestions(tmp_path):
     ("register.metric=test_loss", "'register.metric' 'test_loss' is not <row>.<base|tuned|delta>"),
     ("register.metric=rouge_l.tuned register.direction=minimize", "'rouge_l.tuned' is higher is better"),
     ("train.learning_rate=-0.001", "'train.learning_rate' must be > 0"),
-    ("train.static_shapes=true", "'train.static_shapes' needs train.packing=true"),
-    ("train.compile_mode=reduce-overhead train.torch_compile=true train.packing=true",
-     "'train.compile_mode' reduce-overhead records CUDA graphs, which need one shape every step: set "
-     "train.static_shapes=true"),
+    # switches that were measured slower and removed: the key's answer says so and what to do
+    ("train.static_shapes=true", "unknown key 'train.static_shapes' (removed: it padded batches for the CUDA-graph"),
+    ("train.compile_mode=reduce-overhead", "unknown key 'train.compile_mode' (removed: torch.compile's CUDA-graph modes"),
+    # the speed switches' own rules (llmft/speed), reported with every other load error
+    ("train.fp8=true train.qlora.enabled=true", "'train.fp8' cannot be combined with train.qlora.enabled=true"),
+    ("train.fused_lora=true", "'train.fused_lora' needs train.lora.dropout=0 (it is 0.05)"),
     ("train.compile_regions=true", "'train.compile_regions' needs train.torch_compile=true"),
     ("train.attn_implementation=varlen", "'train.attn_implementation' varlen needs train.packing=true"),
     ("train.attn_implementation=varlen_fa4", "'train.attn_implementation' varlen_fa4 needs train.packing=true"),
     ('train.liger_kernels={"swiglu":false}', "'train.liger_kernels' needs train.use_liger_kernel=true"),
     ('train.use_liger_kernel=true train.liger_kernels={"rms_nrom":false}',
      "'train.liger_kernels' unknown Liger kernel 'rms_nrom' (did you mean 'rms_norm'?)"),
-    ("train.compile_mode=max-autotune-no-cudagraph", "unknown torch.compile mode 'max-autotune-no-cudagraph'"),
     ("data.splits=[0.8,0.3,0.1]", "'data.splits' must be three fractions"),
     ("data.source=notes.txt", "'data.source' 'notes.txt' is neither 'embedded', a .jsonl/.ndjson/.json/.csv/.parquet"),
     ("model.base=/no/such/model/dir", "'model.base' '/no/such/model/dir' is neither 'embedded', a model directory"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_varlen import packed, reference
 
-from llmft import fa4, varlen
+from llmft.speed import fa4, varlen
 from llmft.errors import LlmftError
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmft import generate, templates
+from llmft import generate, models, templates
 from llmft.config import GenerationConfig, load_config
 from llmft.errors import LlmftError
 
@@ -14,7 +14,7 @@ QUESTIONS = ["Name a colour.", "Write a long story about " + "a cat and a dog " 
 
 @pytest.fixture(scope="module")
 def model_tok(tiny_model_dir):
-    return generate.load(str(tiny_model_dir), device="cpu")
+    return models.load_with_tokenizer(models.config_for(str(tiny_model_dir)), device="cpu")
 
 
 def _prompts():
@@ -45,9 +45,8 @@ def test_fast_path_greedy_equals_plain_in_input_order(model_tok):
 def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model_dir, monkeypatch):
     """EOS set to a token that the first answer emits early: that row stops in the first round, a queued prompt
     takes its slot beside rows still going, and every answer is still plain generate's."""
-    from llmft.models import load_tokenizer
-
-    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))  # a copy: its EOS changes
+    
+    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))  # a copy: its EOS changes
     prompts = _prompts()
     enc = tok(prompts[:1], return_tensors="pt")
     first = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
@@ -84,9 +83,8 @@ def _answers(model, tok, prompts, n=24) -> list[list[int]]:
 def test_rows_padded_to_the_batch_answer_as_plain(model_tok, tiny_model_dir, monkeypatch):
     """On a GPU every round is padded to the batch's row count with copies of its first row (one compiled shape);
     forced here on the CPU, with rows that stop early and refills, each answer is still plain generate's."""
-    from llmft.models import load_tokenizer
-
-    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))
+    
+    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))
     prompts = _prompts()
     tok.eos_token = tok.convert_ids_to_tokens(_answers(model, tok, prompts[:1])[0][3])
     monkeypatch.setattr(generate, "_pads", lambda device: True)
@@ -97,9 +95,8 @@ def test_rows_padded_to_the_batch_answer_as_plain(model_tok, tiny_model_dir, mon
 def test_a_round_ends_when_its_live_rows_do(model_tok, tiny_model_dir, monkeypatch):
     """Two rows in one batch, EOS a token both answers hold: the first row stops in an earlier round and its slot
     idles; the second stops inside a later round, which must end there, not run on for the idle slot."""
-    from llmft.models import load_tokenizer
-
-    model, tok = model_tok[0], load_tokenizer(str(tiny_model_dir))
+    
+    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))
     prompts = _prompts()
     ans = _answers(model, tok, prompts)
     case = next(((i, j, t, b.index(t), r) for i, a in enumerate(ans) for t in a for j, b in enumerate(ans)

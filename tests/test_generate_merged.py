@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from llmft import generate
+from llmft import generate, models
 
 
 @pytest.fixture()
@@ -14,7 +14,7 @@ def tuned(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    model, tok = generate.load(str(tiny_model_dir), device="cpu")
+    model, tok = models.load_with_tokenizer(models.config_for(str(tiny_model_dir)), device="cpu")
     torch.manual_seed(0)
     # a trained-looking adapter: B is not zero, so merging changes every adapted weight
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))

@@ -217,13 +217,13 @@ def test_logged_base_weights_load_without_the_base_dir(store, adapters, tiny_mod
     import mlflow
     import pandas as pd
 
-    from llmft import generate, templates
+    from llmft import generate, models, templates
 
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     cfg = make_cfg(tmp_path, store, base, adapters[1], "self-contained")
     cfg.register.log_base_weights = True
     register_with(cfg, 1.0)
-    expected_model, tok = generate.load(str(base), str(adapters[1]))
+    expected_model, tok = models.load_with_tokenizer(models.config_for(str(base)), str(adapters[1]))
     prompt = templates.render_prompt(cfg.data.template, [("Say hi", None)])
     expected = generate.generate(expected_model, tok, [prompt], cfg.evaluate.generation, progress=False)
     shutil.rmtree(base)

@@ -577,10 +577,10 @@ def test_bad_params_are_all_reported_at_once_exit_nonzero_and_touch_nothing(tmp_
 def test_prompt_longer_than_the_context_is_answered_not_a_crash(tiny_model_dir):
     """A 1 MB instruction in the test split asked for a 40 GB attention mask and killed evaluate after training:
     the prompt now keeps its end, as much as fits the context; prompts that fit are unchanged."""
-    from llmft import generate, templates
+    from llmft import generate, models, templates
     from llmft.config import GenerationConfig
 
-    model, tok = generate.load(str(tiny_model_dir))
+    model, tok = models.load_with_tokenizer(models.config_for(str(tiny_model_dir)))
     gen = GenerationConfig(max_new_tokens=4, batch_size=2)
     short = templates.render_prompt("llama2_chat", [("Name a colour.", None)])
     huge = templates.render_prompt("llama2_chat", [("Summarise: " + "word " * 250_000, None)])
@@ -607,17 +607,17 @@ def code_model(src: Path, out: Path, model_type: str) -> Path:
 
 
 def test_shipped_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_dir):
-    from llmft import generate, models
+    from llmft import models
     from llmft.config import load_config
     from llmft.errors import LlmftError
 
     known = code_model(tiny_model_dir, tmp_path / "known", "llama")
     cfg = load_config(tmp_path / "none.yaml", [f"model.base={known}"])
     assert cfg.model.trust_remote_code is False  # the default
-    generate.load(models.resolve_base(cfg), **models.load_kwargs(cfg))  # a known type: transformers' own classes
+    models.load_with_tokenizer(cfg)  # a known type: transformers' own classes
     assert not (known / "RAN").exists(), "the shipped code ran without model.trust_remote_code"
     trusted = load_config(tmp_path / "none.yaml", [f"model.base={known}", "model.trust_remote_code=true"])
-    generate.load(models.resolve_base(trusted), **models.load_kwargs(trusted))
+    models.load_with_tokenizer(trusted)
     assert (known / "RAN").exists(), "the switch is what lets it run"
 
     unknown = code_model(tiny_model_dir, tmp_path / "unknown", "shipped_llama")
@@ -632,7 +632,7 @@ def test_pickle_weights_load_only_with_allow_pickle(tmp_path, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmft import generate, models
+    from llmft import models
     from llmft.config import load_config
     from llmft.errors import LlmftError
 
@@ -648,7 +648,7 @@ def test_pickle_weights_load_only_with_allow_pickle(tmp_path, tiny_model_dir):
     res = cli("evaluate", f"model.base={pickled}", cwd=tmp_path)
     assert res.returncode == 2 and "model.allow_pickle=true" in res.stderr and "Traceback" not in res.stderr
     cfg = load_config(tmp_path / "none.yaml", [f"model.base={pickled}", "model.allow_pickle=true"])
-    model, _ = generate.load(models.resolve_base(cfg), **models.load_kwargs(cfg))
+    model, _ = models.load_with_tokenizer(cfg)
     ids = torch.tensor([[1, 450, 4996]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)

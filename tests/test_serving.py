@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from llmft import generate, serving, templates
+from llmft import generate, models, serving, templates
 from llmft.config import GenerationConfig
 from llmft.errors import LlmftError
 from test_registry import champion_version, make_adapter, make_cfg, register_with, version_tags
@@ -123,7 +123,7 @@ def endpoint(registered, tracking_server, tmp_path_factory):
 
 
 def in_process(cfg, base: Path, adapter: Path, rows: list[dict], **gen) -> list[str]:
-    model, tok = generate.load(str(base), str(adapter))
+    model, tok = models.load_with_tokenizer(models.config_for(str(base)), str(adapter))
     prompts = [templates.render_prompt(cfg.data.template, [*json.loads(r.get("history", "[]")), (r["instruction"], None)],
                                        r.get("context", ""), cfg.data.system_prompt, tok) for r in rows]
     return generate.generate(model, tok, prompts, GenerationConfig(**{**vars(cfg.evaluate.generation), **gen}), progress=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmft import varlen
+from llmft.speed import varlen
 from llmft.errors import LlmftError
 
 

@@ -48,58 +48,30 @@ def read_prompts(texts: list[str], file: Optional[str]) -> list[dict]:
 
 def ask(cfg: Config, prompts: list[str] = (), file: Optional[str] = None, tuned: Optional[str] = None) -> list[dict]:
     """Answers of both sides for every prompt; printed side by side. Returns [{instruction, base, tuned}]."""
-    from tqdm.auto import tqdm
+    from . import models
+    from .evaluate import candidates
 
     rows = read_prompts(list(prompts), file)
     source = tuned or cfg.paths.adapter
-    with tqdm(total=2 * len(rows), desc="generating", unit="answer") as bar:
-        local = _Local(cfg, adapter=source if not _remote(source) else None)
-        answers = {"base": local.answer("base", rows, bar)}
-        if _remote(source):
-            answers["tuned"] = _remote_answers(cfg, source, rows)
-            bar.update(len(rows))
-        else:
-            answers["tuned"] = local.answer("tuned", rows, bar)
+    adapter = None if _remote(source) else source
+    if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        raise LlmftError(f"no adapter at {adapter} (paths.adapter): run `llmft train`, or pass --tuned "
+                         "models:/<name>@champion or an endpoint URL")
+    # the candidates evaluate compares, loaded the same way: one copy of the weights, the base with the adapter off
+    c = candidates.Candidates(cfg=cfg, model=models.load(cfg, adapter), tok=models.tokenizer(cfg, adapter),
+                              base_path=models.resolve_base(cfg), adapter=adapter, endpoint=None)
+    convs = [([(r["instruction"], None)], r["context"]) for r in rows]
+    answers = {"base": candidates.generate(c, "base", convs, "ask")}
+    answers["tuned"] = (_remote_answers(cfg, source, rows) if adapter is None
+                        else candidates.generate(c, "tuned", convs, "ask"))
     out = [{"instruction": r["instruction"], "context": r["context"], "base": b, "tuned": t}
            for r, b, t in zip(rows, answers["base"], answers["tuned"])]
-    print(side_by_side(out, f"base: {local.base}", f"tuned: {source}"))
+    print(side_by_side(out, f"base: {c.base_path}", f"tuned: {source}"))
     return out
 
 
 def _remote(source: str) -> bool:
     return source.startswith(("models:/", "runs:/", "http://", "https://"))
-
-
-class _Local:
-    """Base (and the on-disk adapter) in process, as evaluate loads them: one copy of the weights."""
-
-    def __init__(self, cfg: Config, adapter: Optional[str]):
-        from . import generate, models
-
-        if adapter and not (Path(adapter) / "adapter_config.json").exists():
-            raise LlmftError(f"no adapter at {adapter} (paths.adapter): run `llmft train`, or pass --tuned "
-                             "models:/<name>@champion or an endpoint URL")
-        self.cfg, self.base = cfg, models.resolve_base(cfg)
-        self.model, self.tok = generate.load(self.base, adapter, **models.load_kwargs(cfg))
-        self.has_adapter = adapter is not None
-
-    def answer(self, side: str, rows: list[dict], bar) -> list[str]:
-        import contextlib
-
-        from .generate import generate
-        from .templates import render_prompt
-
-        d = self.cfg.data
-        prompts = [render_prompt(d.template, [(r["instruction"], None)], r["context"], d.system_prompt, self.tok)
-                   for r in rows]
-        off = self.model.disable_adapter() if side == "base" and self.has_adapter else contextlib.nullcontext()
-        out = []
-        with off:
-            for p in prompts:  # one at a time, so the bar moves with every answer
-                out += generate(self.model, self.tok, [p], self.cfg.evaluate.generation, progress=False,
-                                seed=self.cfg.evaluate.seed)
-                bar.update(1)
-        return out
 
 
 def _remote_answers(cfg: Config, source: str, rows: list[dict]) -> list[str]:

@@ -41,12 +41,9 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torc
               "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
               "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
               "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 # Liger's Llama layer kernels. Its fused linear cross-entropy is not among them: TRL's SFTTrainer turns it off and
 # computes the loss with its own fused LM head.
-LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
-VARLEN = ("varlen", "varlen_fa4")  # llmft's own (llmft/varlen.py), registered with transformers before the model loads
+VARLEN = ("varlen", "varlen_fa4")  # llmft's own (llmft/speed/varlen.py), registered with transformers before the model loads
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", *VARLEN)
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 MIN_ROWS = 10  # fewer cleaned rows than this cannot give three non-empty, stratified splits
@@ -56,7 +53,7 @@ def _rows_ok(v: Optional[int]) -> bool:
     return v is None or v >= 1
 
 
-def _one_of(value, allowed, what: str) -> tuple[bool, str]:
+def one_of(value, allowed, what: str) -> tuple[bool, str]:
     close = [a for a in allowed if a.startswith(str(value))][:2] or difflib.get_close_matches(str(value), allowed, n=1)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else f" (choose from {', '.join(allowed)})"
     return value in allowed, f"unknown {what} {value!r}{hint}"
@@ -262,10 +259,10 @@ class TrainConfig:
     """Recompute activations in backward: less memory, ~30% slower."""
     attn_implementation: Optional[str] = "sdpa"
     """eager, sdpa, flash_attention_2/3 (needs flash-attn), flex_attention, a hub kernel (org/name), null for the
-    model default, or varlen: torch's own FlashAttention varlen kernels (llmft/varlen.py; needs train.packing and a
+    model default, or varlen: torch's own FlashAttention varlen kernels (llmft/speed/varlen.py; needs train.packing and a
     CUDA GPU, no flash-attn package). Packed, varlen computes each document's causal triangle alone, where flex
     computes every 128 x 128 block that a document touches. varlen_fa4: the same with FlashAttention-4's kernels
-    (llmft/fa4.py; needs the flash-attn-4 package and a Hopper or Blackwell GPU)."""
+    (llmft/speed/fa4.py; needs the flash-attn-4 package and a Hopper or Blackwell GPU)."""
     use_liger_kernel: bool = False
     """Liger's fused Triton kernels for the decoder layers (RMSNorm, SwiGLU, RoPE); needs liger-kernel + CUDA. The loss
     is TRL's fused LM head either way (TRL turns Liger's fused linear cross-entropy off)."""
@@ -273,7 +270,7 @@ class TrainConfig:
     """With train.use_liger_kernel: Liger's kernels switched on or off by name (rope, rms_norm, swiglu), e.g.
     `{swiglu: false}` leaves the MLP's activation to torch.compile, which can fuse it with its neighbours. Unnamed
     kernels stay on, except rope under train.compile_regions, which is off unless named. Inside compiled layers
-    inductor's own norms and SwiGLU measured faster (benchmarks/README.md, sixth session)."""
+    inductor's own norms and SwiGLU measured faster (benchmarks/README.md)."""
     torch_compile: bool = False
     """torch.compile the model."""
     compile_regions: bool = False
@@ -282,30 +279,21 @@ class TrainConfig:
     model runs as a few large graphs; with train.use_liger_kernel, RoPE is left to inductor (Liger's RoPE kernel
     runs outside the compiler and split every layer's graph in two). Embeddings, the loss and the block mask run
     uncompiled."""
-    compile_mode: Optional[str] = None
-    """torch.compile's mode (with train.torch_compile): null for its default; max-autotune-no-cudagraphs autotunes
-    inductor's kernels (a longer compile); reduce-overhead and max-autotune also replay each step as CUDA graphs,
-    which need the same shapes every step (train.static_shapes)."""
-    static_shapes: bool = False
-    """Pad every packed batch to one shape, a flat row of batch_size x max_length tokens (needs train.packing). The
-    padding has no label and attends only to itself, so the loss is the same; torch.compile compiles once (no
-    dynamic-shape recompile) and CUDA graphs become possible. Costs the padding's compute: what the packed rows leave
-    unfilled (0.8% of a step's tokens at batch 4, 4% at batch 6 in the 7B runs on the 813-row Dolly sample)."""
     fp8: bool = False
     """The frozen base projections multiply in FP8 (forward and input gradient; per-tensor dynamic scales, E4M3
-    activations, E5M2 gradients; llmft/fp8.py); LoRA, norms, attention, lm_head, loss and optimizer unchanged. Needs
+    activations, E5M2 gradients; llmft/speed/fp8.py); LoRA, norms, attention, lm_head, loss and optimizer unchanged. Needs
     a GPU with compute capability 8.9+ (H100, H200, L40S); not with QLoRA or FSDP. In one process the converted
     layers' bf16 weights are released (the stage saves only the adapter), so the FP8 copies take no extra memory.
     Loss stays close to bf16 but not equal: see benchmarks/README.md for the measured difference."""
     fused_lora: bool = False
     """Each LoRA projection and its frozen base run as one autograd function: the sums are accumulated in place
     inside the GEMMs and the scaling is applied on the rank-r side, skipping PEFT's full-size add, gradient-scaling
-    and gradient-sum passes (llmft/fused_lora.py). The same math, rounded
+    and gradient-sum passes (llmft/speed/fused_lora.py). The same math, rounded
     once instead of twice. Needs train.lora.dropout=0, no DoRA, no LoRA bias and no QLoRA; composes with fp8."""
     overlap_steps: bool = False
     """The CPU queues the next step while the GPU runs this one: no per-step `.item()` (the training-batch entropy
     and token-accuracy metrics, never logged by llmft, are left out; the token count is read at logging, evaluation
-    and checkpoint steps) and non-blocking batch copies (llmft/overlap.py). The same math."""
+    and checkpoint steps) and non-blocking batch copies (llmft/speed/overlap.py). The same math."""
     max_train_rows: Optional[int] = None
     """Use only the first N training rows (quick runs); null uses all."""
     max_eval_rows: Optional[int] = None
@@ -334,34 +322,14 @@ class TrainConfig:
         for key in ("max_train_rows", "max_eval_rows"):
             yield key, _rows_ok(getattr(self, key)), "must be >= 1 or null (all)"
         yield "dataloader_workers", self.dataloader_workers >= 0, "must be >= 0"
-        yield ("lr_scheduler", *_one_of(self.lr_scheduler, LR_SCHEDULERS, "scheduler"))
-        yield ("optim", *_one_of(self.optim, OPTIMIZERS, "optimizer"))
-        # a 4-bit base has no bf16 nn.Linear to cast, and QLoRA already cut the base's bytes more than FP8 would
-        yield "fp8", not (self.fp8 and self.qlora.enabled), "cannot be combined with train.qlora.enabled=true"
-        if self.fused_lora:  # the fused layer has no dropout, DoRA or bias path; 4-bit base layers are PEFT's others
-            yield "fused_lora", self.lora.dropout == 0, f"needs train.lora.dropout=0 (it is {self.lora.dropout})"
-            yield "fused_lora", not self.lora.use_dora, "cannot be combined with train.lora.use_dora=true"
-            yield "fused_lora", self.lora.bias == "none", "needs train.lora.bias=none"
-            yield "fused_lora", not self.qlora.enabled, "cannot be combined with train.qlora.enabled=true"
-        if self.static_shapes:  # unpacked, the last batch of an epoch has fewer rows: it would need dropping
-            yield "static_shapes", self.packing, "needs train.packing=true"
-        if self.compile_regions:
-            yield "compile_regions", self.torch_compile, "needs train.torch_compile=true"
-        if self.liger_kernels:
-            yield "liger_kernels", self.use_liger_kernel, "needs train.use_liger_kernel=true"
-            for name in self.liger_kernels:
-                yield ("liger_kernels", *_one_of(name, LIGER_KERNELS, "Liger kernel"))
-        if self.compile_mode is not None:
-            yield ("compile_mode", *_one_of(self.compile_mode, COMPILE_MODES, "torch.compile mode"))
-            yield "compile_mode", self.torch_compile, "needs train.torch_compile=true"
-        if self.compile_mode in CUDA_GRAPH_MODES:
-            yield ("compile_mode", self.static_shapes,
-                   f"{self.compile_mode} records CUDA graphs, which need one shape every step: set train.static_shapes=true")
+        yield ("lr_scheduler", *one_of(self.lr_scheduler, LR_SCHEDULERS, "scheduler"))
+        yield ("optim", *one_of(self.optim, OPTIMIZERS, "optimizer"))
         a = self.attn_implementation
         if a is not None and "/" not in a:
-            yield ("attn_implementation", *_one_of(a, ATTENTION, "attention implementation"))
-        if a in VARLEN:  # the documents' boundaries come from the padding-free collator
-            yield "attn_implementation", self.packing, f"{a} needs train.packing=true"
+            yield ("attn_implementation", *one_of(a, ATTENTION, "attention implementation"))
+        from . import speed  # the speed switches' own rules (llmft/speed/*.py)
+
+        yield from speed.checks(self)
 
 
 # ----------------------------------------------------------------------------------------- tracking
@@ -544,7 +512,7 @@ class EvaluateConfig:
         from .evaluate.benchmarks import BENCHMARKS
 
         for b in self.benchmarks:
-            yield ("benchmarks", *_one_of(b, list(BENCHMARKS), "benchmark"))
+            yield ("benchmarks", *one_of(b, list(BENCHMARKS), "benchmark"))
         yield "benchmarks", len(set(self.benchmarks)) == len(self.benchmarks), "lists a benchmark twice"
         for key in ("test_rows", "rouge_rows", "reference_rows", "alpaca_eval_rows", "mt_bench_rows", "lm_eval_limit"):
             yield key, _rows_ok(getattr(self, key)), "must be >= 1 or null (all)"
@@ -741,6 +709,12 @@ MOVED = {
     "register.output_file": "paths.register_metrics", "evaluate.mt_bench_dir": "evaluate.mt_bench_data",
     "evaluate.alpaca_eval_path": "evaluate.alpaca_eval_data",
 }
+# Keys that were removed, with why and what to do instead.
+REMOVED = {
+    "train.compile_mode": "torch.compile's CUDA-graph modes ran the 7B step at 0.21x of the default mode's speed; "
+                          "train.torch_compile uses the default mode",
+    "train.static_shapes": "it padded batches for the CUDA-graph compile modes alone; packing is padding-free",
+}
 # What other trainers call our keys (HF TrainingArguments, axolotl, PEFT): a user's habit gets an answer.
 ALIASES = {
     "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs",
@@ -770,6 +744,8 @@ def suggest(path: str) -> str:
     """' (did you mean ...?)' for an unknown dotted key, or ''."""
     if path in MOVED:
         return f" (moved to '{MOVED[path]}')"
+    if path in REMOVED:
+        return f" (removed: {REMOVED[path]}; delete it)"
     keys = all_keys(blocks=True)
     block, _, leaf = path.rpartition(".")
     found = []

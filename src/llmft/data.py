@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import MIN_ROWS, Config, DataConfig
 from .errors import LlmftError
 from .io import atomic_dir, write_json
-from .models import load_tokenizer, resolve_base
+from . import models
 from .templates import format_example
 
 COLUMNS = ("instruction", "context", "response", "category")
@@ -238,7 +238,7 @@ def prepare(cfg: Config) -> None:
 
     tok = None
     if dc.template == "model_chat" or dc.stats_tokenizer:
-        tok = load_tokenizer(resolve_base(cfg), cfg.model.revision)
+        tok = models.tokenizer(cfg)
     stats = {"provenance": provenance, "template": dc.template, "rows_in": len(raw), "dropped": dropped, "splits": {}}
     with atomic_dir(Path(paths.data)) as tmp:
         for name, part in splits.items():

@@ -1,44 +1,16 @@
-"""Load a base model (optionally with a PEFT adapter) and generate answers in batches.
+"""Generate answers in batches (the fast path on a GPU), for a model that models.load loaded.
 
-Used in process by `evaluate` and inside the served MLflow model, so both produce the same outputs.
+Used in process by `evaluate` and `ask` and inside the served MLflow model, so all produce the same outputs.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from typing import Optional
 
 from .config import GenerationConfig
 
 log = logging.getLogger(__name__)
-
-
-def load(base: str, adapter: Optional[str] = None, device: Optional[str] = None, dtype=None,
-         trust_remote_code: bool = False, use_safetensors: Optional[bool] = True):
-    """(model, tokenizer) ready for inference; the tokenizer is the adapter's when it saved one.
-    Safe by default: no code from the hub, safetensors weights only (models.load_kwargs relaxes both)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .models import load_tokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=use_safetensors)
-    tok_src = base
-    if adapter:
-        from pathlib import Path
-
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        if (Path(adapter) / "tokenizer_config.json").exists():
-            tok_src = adapter
-    tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
-    return model, tok
 
 
 @contextlib.contextmanager
@@ -305,7 +277,6 @@ def _round(model, tok, seqs: list, n: int, cache_len: int, batch: int, gen, seed
 
 def _cache(model, rows: int, cache_len: int):
     """A static cache of `cache_len` slots per row, allocated now; `_view` sets how many of them attention reads."""
-    import torch
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 

@@ -1,11 +1,21 @@
-"""Resolve a base model (hub id, local directory, or the embedded SmolLM2) and its tokenizer."""
+"""The one model loader: every verb that needs weights (train, merge, evaluate, ask, lm-eval, the served model,
+tune's trials) calls `load`, and every tokenizer comes from `tokenizer`.
+
+    model = models.load(cfg)                               # the base, for inference (bf16 on a GPU, fp32 on a CPU)
+    model = models.load(cfg, adapter="models/adapter")     # base + PEFT adapter
+    model = models.load(cfg, adapter=..., merge=True)      # merged into plain weights
+    tok = models.tokenizer(cfg, adapter="models/adapter")  # the adapter's saved tokenizer, else the base's
+
+One place applies what params say of the base: `model.base` (a hub id, a local directory, or the embedded SmolLM2),
+`model.revision`, `model.trust_remote_code`, `model.allow_pickle` (safetensors only unless set),
+`model.random_init`, the dtype, 4-bit quantisation (QLoRA) and the adapter, merged or not."""
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
 
-from .config import Config
+from .config import Config, QLoraConfig
 from .errors import LlmftError
 from .io import atomic_dir
 
@@ -99,20 +109,103 @@ def trust_problem(model_dir: Path, allow_pickle: bool, trust_remote_code: bool) 
 
 
 def load_kwargs(cfg: Config) -> dict:
-    """from_pretrained's safety switches: no code from the hub, safetensors only, unless params allow them."""
-    return {"trust_remote_code": cfg.model.trust_remote_code,
+    """from_pretrained's safety switches and pin: no code from the hub, safetensors only, unless params allow them;
+    the hub revision params name."""
+    return {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code,
             "use_safetensors": None if cfg.model.allow_pickle else True}
 
 
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token distinct from EOS where the vocabulary has one to spare.
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def config_for(base: str | Path, **model_keys) -> Config:
+    """The default config with `model.base` set to `base` (and other model.* keys): for callers that hold a model
+    folder rather than a params file (the served model, benchmarks). Its rules are not checked here."""
+    from .config import ModelConfig
+
+    return Config(model=ModelConfig(base=str(base), **model_keys))
+
+
+def load(cfg: Config, adapter: str | Path | None = None, *, dtype: str = "auto", device: str | None = "auto",
+         merge: bool = False, attn_implementation: str | None = None, qlora: QLoraConfig | None = None):
+    """The base model of `cfg.model`, with `adapter` (a PEFT folder) on top, merged into the weights with `merge`.
+
+    dtype: one of DTYPES, or `auto` (bf16 on a GPU, fp32 on a CPU). device: `auto` (the GPU if there is one), a
+    torch device, or None to leave the weights where from_pretrained puts them (the Trainer places them). A model
+    for inference is put in eval mode. `qlora`: load the base in 4 bit (bitsandbytes, CUDA only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        dtype = "bf16" if cuda else "fp32"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    base = resolve_base(cfg)
+    kw = load_kwargs(cfg)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if cfg.model.random_init:
+        # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes. Seeded
+        # (train.seed), so every process and every later stage builds the same random base: an adapter trained on it
+        # reloads over it (benchmarks compare logits).
+        torch.manual_seed(cfg.train.seed)
+        where = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+        with torch.device(where):
+            conf = AutoConfig.from_pretrained(base, revision=kw["revision"], trust_remote_code=kw["trust_remote_code"])
+            model = AutoModelForCausalLM.from_config(conf, dtype=torch_dtype, trust_remote_code=kw["trust_remote_code"],
+                                                     **extra)
+    else:
+        if qlora is not None:
+            extra["quantization_config"] = _bnb(qlora)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, **kw, **extra)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise LlmftError(f"{adapter} holds no adapter (no adapter_config.json): run `llmft train` first")
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
+    if device is not None and qlora is None:
+        model.to(device)
+    if device is not None:
+        model.eval()
+    return model
+
+
+def load_with_tokenizer(cfg: Config, adapter: str | Path | None = None, **kw):
+    """(load(cfg, adapter, **kw), tokenizer(cfg, adapter)): a model ready to generate with."""
+    return load(cfg, adapter, **kw), tokenizer(cfg, adapter)
+
+
+def _bnb(q: QLoraConfig):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmftError("train.qlora.enabled=true needs a CUDA GPU: bitsandbytes 4-bit kernels do not run on "
+                         "this machine's CPU. Set train.qlora.enabled=false for plain LoRA.")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def tokenizer(cfg: Config, adapter: str | Path | None = None):
+    """The adapter's tokenizer where training saved one beside it, else the base's (at model.revision), with a pad
+    token distinct from EOS where the vocabulary has one to spare.
 
     If pad == eos, collators that mask pad positions also mask the EOS the model must learn, and the
     tuned model never stops.
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        tok = AutoTokenizer.from_pretrained(resolve_base(cfg), revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         vocab = tok.get_vocab()
         spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t and t != tok.eos_token and t in vocab]

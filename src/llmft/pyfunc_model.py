@@ -64,14 +64,16 @@ def check_params(p: dict, limits: dict) -> None:
 
 class LlmftModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from llmft import generate
+        from llmft import models
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
         base = context.artifacts.get("base") or self.meta["base_model"]
-        self.model, self.tok = generate.load(base, context.artifacts["adapter"],
-                                             trust_remote_code=self.meta.get("trust_remote_code", False),
-                                             use_safetensors=self.meta.get("use_safetensors", True))
+        # the model block the registered version was trained with, its base now a local folder (weights logged
+        # with the model, or the hub snapshot of model.revision): the same loader as every verb
+        cfg = models.config_for(base, **self.meta["model"])
+        adapter = context.artifacts["adapter"]
+        self.model, self.tok = models.load_with_tokenizer(cfg, adapter)
         # The scoring server runs requests in threads; generate() flips the shared tokenizer's padding side.
         self.lock = threading.Lock()
 

@@ -102,7 +102,9 @@ def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None)
     r, gen = cfg.register, cfg.evaluate.generation
     adapter = adapter or cfg.paths.adapter
     meta = {"template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
-            "base_model": base, "base_model_config": cfg.model.base, **models.load_kwargs(cfg),
+            "base_model": base, "base_model_config": cfg.model.base,
+            # base is a local folder already at model.revision (local_base): no revision to apply again
+            "model": {"trust_remote_code": cfg.model.trust_remote_code, "allow_pickle": cfg.model.allow_pickle},
             "generation": to_dict(gen),
             "limits": {"max_rows": r.max_request_rows, "max_input_chars": r.max_input_chars,
                        "max_new_tokens": r.max_new_tokens_limit}}

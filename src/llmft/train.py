@@ -23,16 +23,16 @@ import resource
 import shutil
 import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .config import CUDA_GRAPH_MODES, VARLEN, Config, to_dict
+from . import models, speed
+from .config import Config, to_dict
 from .errors import LlmftError
 from .io import atomic_dir, write_atomic, write_json
-from .models import load_kwargs, load_tokenizer, resolve_base
 
 
 def train(cfg: Config, callbacks=(), on_run=None) -> dict:
@@ -122,42 +122,6 @@ def _precision(tc) -> str:
     return "fp32"
 
 
-def load_model(cfg: Config, base: str, precision: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tc = cfg.train
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    kwargs = dict(dtype=dtype, revision=cfg.model.revision, **load_kwargs(cfg))
-    if tc.attn_implementation in VARLEN:  # llmft's own: transformers must know it before loading
-        from . import varlen
-
-        varlen.register(tc.attn_implementation)
-    if tc.attn_implementation:
-        kwargs["attn_implementation"] = tc.attn_implementation
-    if tc.qlora.enabled:
-        if not torch.cuda.is_available():
-            raise LlmftError("train.qlora.enabled=true needs a CUDA GPU: bitsandbytes 4-bit kernels do not run on "
-                             "this machine's CPU. Set train.qlora.enabled=false for plain LoRA.")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=tc.qlora.quant_type,
-            bnb_4bit_use_double_quant=tc.qlora.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, tc.qlora.compute_dtype))
-    if cfg.model.random_init:
-        # Built directly on the GPU: a 7B model initialised on the CPU in fp32 first would take minutes.
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        # Seeded, so that every process and every later run builds the same random base: an adapter trained on it
-        # can then be reloaded over it (benchmarks/fsdp.sh compares the logits).
-        torch.manual_seed(tc.seed)
-        with torch.device(device):
-            conf = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
-            return AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=tc.attn_implementation,
-                                                    trust_remote_code=cfg.model.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(base, **kwargs)
-
-
 def _read_split(path: Path, limit: int | None):
     from datasets import Dataset
 
@@ -229,50 +193,106 @@ def _resume_point(cfg: Config, fingerprint: str, is_main: bool) -> str | None:
 
 
 def build_trainer(cfg: Config):
-    """(SFTTrainer, what was resolved): data, base model, LoRA and training arguments from the config."""
-    import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    """(SFTTrainer, what was resolved): data, base model, LoRA and training arguments from the config, with the speed
+    switches' hooks (llmft/speed) at their places."""
+    from trl import SFTTrainer
 
     tc = cfg.train
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    switches = speed.active(tc)
+    _refuse_under_fsdp(tc, switches)
+    for s in switches:
+        s.before_model_load(cfg)
+    precision = _precision(tc)
+    train_ds = _read_split(Path(cfg.paths.data) / "train.jsonl", tc.max_train_rows)
+    eval_ds = _read_split(Path(cfg.paths.data) / "validation.jsonl", tc.max_eval_rows)
+    _say(f"loading {models.resolve_base(cfg)} ({precision}"
+         + (", 4-bit" if tc.qlora.enabled else "") + (", random weights" if cfg.model.random_init else "") + ")")
+    model = models.load(cfg, dtype=precision, device=None, attn_implementation=tc.attn_implementation,
+                        qlora=tc.qlora if tc.qlora.enabled else None)
+    trainer_cls = SFTTrainer
+    for s in switches:
+        trainer_cls = s.trainer_class(trainer_cls)
+    _say(f"preparing {len(train_ds):,} training and {len(eval_ds):,} validation rows"
+         + (f"; speed switches: {', '.join(s.name for s in switches)}" if switches else ""))
+    with _quiet_datasets():  # TRL tokenises, adds EOS, truncates and packs each split: a bar apiece, the line above says it
+        trainer = trainer_cls(model=model, args=_training_args(cfg, precision, switches), train_dataset=train_ds,
+                              eval_dataset=eval_ds, processing_class=models.tokenizer(cfg), peft_config=_lora(tc))
+    if not str(tc.attn_implementation).startswith(("flash", "varlen")):
+        trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
+    for s in switches:
+        if line := s.after_trainer(cfg, trainer):
+            _say(line)
+    if int(os.environ.get("RANK", "0")) == 0:  # the bar, without a dict of every log line printed under it
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
+    if _fsdp_version() and not trainer.is_fsdp_enabled:  # accelerate fell back to DDP or one plain process: say so
+        raise LlmftError("FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate did not enable it for this "
+                         "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
+                         "train` (cpu-fsdp.yaml on CPUs)")
+    return trainer, {"base_path": models.resolve_base(cfg), "precision": precision}
+
+
+@contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            datasets.enable_progress_bars()
+
+
+def _say(line: str) -> None:
+    """One line per phase, from the main process only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: {line}", flush=True)
+
+
+def _refuse_under_fsdp(tc, switches) -> None:
+    """What FSDP cannot run fails before anything loads; CPU processes get FSDP at all (accelerate drops it there)."""
+    import torch
+
     fsdp = _fsdp_version()
+    if not fsdp:
+        return
     if fsdp == 1:
         raise LlmftError("FSDP1 (fsdp_version: 1) is not supported: PEFT keeps the LoRA weights in fp32 over a bf16 base "
                          "and FSDP1 stops with 'Must flatten tensors with uniform dtype'. Use FSDP2 (fsdp_version: 2, "
                          "as in configs/accelerate/fsdp.yaml), which shards parameter by parameter.")
-    if fsdp and tc.qlora.enabled:
+    if tc.qlora.enabled:
         raise LlmftError("train.qlora.enabled=true is not supported under FSDP: llmft stores the 4-bit weights as uint8, "
                          "which FSDP2 cannot shard (every GPU would hold the whole quantised base), and QLoRA+FSDP is "
                          "untested here. Train QLoRA on one GPU without accelerate's FSDP config, or plain LoRA under "
                          "FSDP (train.qlora.enabled=false).")
-    if fsdp and tc.fp8:
-        raise LlmftError("train.fp8=true is not supported under FSDP: each process would cast and keep the whole "
-                         "base in FP8. Train on one GPU (or DDP), or set train.fp8=false.")
-    if fsdp and tc.fused_lora:
-        raise LlmftError("train.fused_lora=true is not supported under FSDP (untested with sharded adapters): set "
-                         "train.fused_lora=false, or train on one GPU or under DDP.")
-    if tc.fp8:  # before the base is loaded: a GPU without FP8 matmuls fails in a second, not after minutes
-        from .fp8 import check_device
-
-        check_device()
-    if fsdp and not torch.cuda.is_available():
+    for s in switches:
+        if not s.fsdp:
+            raise LlmftError(f"train.{s.name}=true is not supported under FSDP: set train.{s.name}=false, or train on "
+                             "one GPU or under DDP")
+    if not torch.cuda.is_available():
         _fsdp_on_cpu()
-    precision = _precision(tc)
-    data_dir = Path(cfg.paths.data)
-    train_ds = _read_split(data_dir / "train.jsonl", tc.max_train_rows)
-    eval_ds = _read_split(data_dir / "validation.jsonl", tc.max_eval_rows)
 
-    base = resolve_base(cfg)
-    tok = load_tokenizer(base, cfg.model.revision, cfg.model.trust_remote_code)
-    model = load_model(cfg, base, precision)
-    lora = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+
+def _lora(tc):
+    from peft import LoraConfig
+
+    return LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
                       target_modules=tc.lora.target_modules, bias=tc.lora.bias, use_rslora=tc.lora.use_rslora,
                       use_dora=tc.lora.use_dora, task_type="CAUSAL_LM")
-    from .overlap import OverlapSFTTrainer, trainer_args
 
-    args = SFTConfig(
+
+def _training_args(cfg: Config, precision: str, switches):
+    import torch
+    from trl import SFTConfig
+
+    tc = cfg.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    extra = {}
+    for s in switches:
+        extra.update(s.trainer_args(cfg))
+    return SFTConfig(
         output_dir=cfg.paths.checkpoints,
         num_train_epochs=tc.epochs, max_steps=tc.max_steps,
         per_device_train_batch_size=tc.batch_size, per_device_eval_batch_size=tc.batch_size,
@@ -281,74 +301,29 @@ def build_trainer(cfg: Config):
         weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim=tc.optim,
         bf16=precision == "bf16", fp16=precision == "fp16",
         activation_checkpointing=tc.gradient_checkpointing,
-        use_liger_kernel=tc.use_liger_kernel, torch_compile=tc.torch_compile, torch_compile_mode=tc.compile_mode,
-        liger_kernel_config=_liger_kernels(tc),
-        pad_to_multiple_of=tc.batch_size * tc.max_length if tc.static_shapes else None,  # packed: one flat row
         # Prompt tokens are masked; TRL appends EOS to every completion, so the model learns to stop.
         completion_only_loss=True, max_length=tc.max_length,
         packing=tc.packing, packing_strategy="bfd",
         logging_steps=tc.logging_steps, eval_strategy="steps", eval_steps=tc.eval_steps,
         save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
         seed=tc.seed, data_seed=tc.seed, dataloader_num_workers=tc.dataloader_workers,
-        include_num_input_tokens_seen="non_padding", report_to="none", disable_tqdm=not is_main,
+        include_num_input_tokens_seen="non_padding", report_to="none",
+        disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
         logging_nan_inf_filter=False,  # a NaN loss must show (tune fails such a trial), not be averaged away
         # Multi-process CPU runs need gloo, and use_cpu: without it accelerate sees no distributed setup
         # and each process silently trains its own copy on all the data.
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False if distributed else None,
-        **(trainer_args() if tc.overlap_steps else {}),
+        **extra,
     )
-    trainer = (OverlapSFTTrainer if tc.overlap_steps else SFTTrainer)(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok, peft_config=lora)
-    if not str(tc.attn_implementation).startswith(("flash", "varlen")):
-        trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
-    if tc.fp8:  # after PEFT froze the base and the Trainer placed it, before train() compiles and wraps it
-        from . import fp8
-
-        # One process holds the only copy and saves only the adapter; DDP broadcasts every parameter at wrapping
-        done, released = fp8.convert(trainer.model, release=not distributed)
-        print(f"train: train.fp8: {done} frozen projections multiply in FP8"
-              + (f"; their bf16 weights released ({released / 2**30:.1f} GiB)" if released else ""))
-    if tc.fused_lora:
-        from . import fused_lora
-
-        done, total = fused_lora.convert(trainer.model)
-        print(f"train: train.fused_lora: {done} of {total} LoRA layers fused")
-    if tc.torch_compile:  # set either way: accelerate's dynamo plugin is shared by every Trainer of the process (tune)
-        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = tc.compile_regions
-    if tc.compile_mode in CUDA_GRAPH_MODES:
-        # TRL's fused LM head scores only the labelled positions, a count that changes every batch: the small
-        # graphs around it would record a new CUDA graph per count. They run as compiled code; the model's
-        # fixed-shape graphs (the layers, forward and backward) replay.
-        import torch._inductor.config
-
-        torch._inductor.config.triton.cudagraph_skip_dynamic_graphs = True
-    if is_main:  # the bar, without a dict of every log line printed under it (the losses go to MLflow and the bar)
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-    if fsdp and not trainer.is_fsdp_enabled:  # accelerate fell back to DDP or one plain process: say so
-        raise LlmftError("FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate did not enable it for this "
-                         "process: launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m llmft "
-                         "train` (cpu-fsdp.yaml on CPUs)")
-    return trainer, {"base_path": base, "precision": precision}
-
-
-def _liger_kernels(tc) -> dict | None:
-    """Which Liger kernels to patch in (TrainingArguments.liger_kernel_config), None for Liger's defaults."""
-    if not tc.use_liger_kernel:
-        return None
-    # Liger's RoPE dispatcher is under torch.compiler.disable: a graph break in every layer. In a compiled layer
-    # inductor fuses the rotation into its neighbours instead.
-    chosen = {"rope": False} if tc.compile_regions else {}
-    return {**chosen, **tc.liger_kernels} or None
 
 
 class _NoVarlenKeys:
     """TRL's padding-free collator, without the sequence boundaries that only the varlen kernels read (flash, varlen)
     (`cu_seq_lens_q/k`, `max_length_q/k`): sdpa, eager and flex attention mask from position_ids. Their sizes change
     with the number of packed examples: passed along, they made the compiled decoder layers recompile (7B log,
-    benchmarks/results/phase16h) and kept their shapes dynamic, under train.static_shapes too."""
+    benchmarks/results) and kept their shapes dynamic."""
 
     KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -543,7 +518,6 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
     tensors."""
     import mlflow
 
-    from . import tracking
     from .plots import loss_curves
 
     paths = cfg.paths
@@ -567,7 +541,7 @@ def _finish(cfg: Config, trainer, curve: LossCurve, runtime: float, resume, fing
         "initial_eval_loss": eval_pts[0][1] if eval_pts and eval_pts[0][0] == 0 else None,
         "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
         "tokens_seen": tokens, "runtime_s": round(runtime, 1),
-        # This session's throughput (after a resume: tokens since the restart), model load excluded.
+        # This process's throughput (after a resume: tokens since the restart), model load excluded.
         "tokens_per_s": round(curve.tokens_per_s(state), 1),
         "steady_tokens_per_s": round(curve.steady_tokens_per_s() or 0, 1),
         "resumed_from": resume or "",
@@ -614,18 +588,10 @@ def _sort_target_modules(config_file: Path) -> None:
 
 def merge(cfg: Config) -> None:
     """Write base + adapter merged into plain weights at `{paths.adapter}-merged`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = resolve_base(cfg)
     adapter = Path(cfg.paths.adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise LlmftError(f"{adapter} holds no adapter: run `llmft train` first")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs(cfg))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = models.load(cfg, adapter, dtype="fp32", device="cpu", merge=True)
     out = adapter.with_name(adapter.name + "-merged")
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
-        load_tokenizer(str(adapter)).save_pretrained(tmp)
-    print(f"merge: {adapter} + {base} -> {out}")
+        models.tokenizer(cfg, adapter).save_pretrained(tmp)
+    print(f"merge: {adapter} + {models.resolve_base(cfg)} -> {out}")

@@ -48,13 +48,8 @@ def evaluate(cfg: Config) -> dict:
     table: dict = {}
     failed = []
     judge_calls: dict = {}  # per benchmark: what the judge cost and suffered
-    # in-process benchmarks share the loaded weights; those that load their own copies (lm-eval) run after
-    # the shared weights are freed
-    order = sorted((n for n in BENCHMARKS if n in e.benchmarks), key=lambda n: BENCHMARKS[n].own_weights)
-    for name in order:
+    for name in (n for n in BENCHMARKS if n in e.benchmarks):  # all on the one copy of the weights candidates loaded
         bench = BENCHMARKS[name]
-        if bench.own_weights and c.model is not None:
-            candidates.unload(c)
         t = time.time()
         if bench.judged and judge is None:
             rows = {name: _skipped(NO_JUDGE)}

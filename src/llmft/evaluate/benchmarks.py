@@ -14,24 +14,22 @@ class Benchmark:
     """`module:function` in llmft.evaluate, called as function(candidates, judge) -> table rows."""
     judged: bool
     """Needs evaluate.judge; without one it is recorded as skipped."""
-    own_weights: bool
-    """Loads its own model copies (lm-eval): runs after the shared in-process weights are freed."""
     rows: dict[str, Optional[bool]]
     """Rows it writes -> higher_is_better (None: known only at run time). `x*` matches every row starting with x;
     each row may also have `<row>/<category>` rows."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "test_loss": Benchmark("likelihood:test_loss", judged=False, own_weights=False,
+    "test_loss": Benchmark("likelihood:test_loss", judged=False,
                            rows={"test_loss": False, "test_perplexity": False}),
-    "reference_nll": Benchmark("likelihood:reference_nll", judged=False, own_weights=False,
+    "reference_nll": Benchmark("likelihood:reference_nll", judged=False,
                                rows={"reference_nll_alpaca_eval": False, "reference_nll_mt_bench": False}),
-    "rouge": Benchmark("rouge:run", judged=False, own_weights=False, rows={"rouge_l": True}),
-    "alpaca_eval": Benchmark("alpacaeval:run", judged=True, own_weights=False,
+    "rouge": Benchmark("rouge:run", judged=False, rows={"rouge_l": True}),
+    "alpaca_eval": Benchmark("alpacaeval:run", judged=True,
                              rows={"alpaca_eval_win_rate": True, "alpaca_eval_lc_win_rate": True,
                                    "alpaca_eval_tuned_vs_base": True}),
-    "mt_bench": Benchmark("mtbench:run", judged=True, own_weights=False, rows={"mt_bench_score": True}),
-    "lm_eval": Benchmark("lmeval:run", judged=False, own_weights=True, rows={"lm_eval_*": None}),
+    "mt_bench": Benchmark("mtbench:run", judged=True, rows={"mt_bench_score": True}),
+    "lm_eval": Benchmark("lmeval:run", judged=False, rows={"lm_eval_*": None}),
 }
 
 

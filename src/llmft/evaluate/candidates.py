@@ -52,7 +52,7 @@ def _in_process(cfg: Config, saved: dict, side: str) -> bool:
 
 
 def load(cfg: Config) -> Candidates:
-    from .. import generate, models
+    from .. import models
     from . import saved as saved_outputs
 
     saved = saved_outputs.load(cfg)  # a bad file fails now, before a model is loaded or an answer generated
@@ -64,9 +64,9 @@ def load(cfg: Config) -> Candidates:
                          "or set evaluate.candidate_endpoint to evaluate a served model")
     if not (base_needed or tuned_needed):  # every side of every benchmark is answered by a file
         return Candidates(cfg=cfg, model=None, tok=None, base_path=None, adapter=adapter, endpoint=endpoint, saved=saved)
-    base = models.resolve_base(cfg)
-    model, tok = generate.load(base, adapter, **models.load_kwargs(cfg))
-    return Candidates(cfg=cfg, model=model, tok=tok, base_path=base, adapter=adapter, endpoint=endpoint, saved=saved)
+    model, tok = models.load_with_tokenizer(cfg, adapter)
+    return Candidates(cfg=cfg, model=model, tok=tok, base_path=models.resolve_base(cfg), adapter=adapter,
+                      endpoint=endpoint, saved=saved)
 
 
 def describe(c: Candidates, side: str) -> str:
@@ -81,21 +81,14 @@ def describe(c: Candidates, side: str) -> str:
     return "; ".join([model, *files])
 
 
-def unload(c: Candidates) -> None:
-    """Free the weights (lm-eval loads its own copy)."""
-    import gc
-
-    c.model = None
-    gc.collect()
-
-
 def can_score(c: Candidates, side: str) -> bool:
     """Whether log-likelihoods are available for this side (the tuned side needs the adapter's weights)."""
     return side == "base" or c.adapter is not None
 
 
 @contextlib.contextmanager
-def _side(c: Candidates, side: str):
+def as_side(c: Candidates, side: str):
+    """The loaded model as `side` for the block: the base with the adapter off, the tuned with it on."""
     if side == "base" and c.adapter is not None:
         with c.model.disable_adapter():
             yield c.model
@@ -129,7 +122,7 @@ def generate(c: Candidates, side: str, convs: list[Conversation], desc: str) -> 
                   "repetition_penalty": g.repetition_penalty}
         return serving.query(c.endpoint, rows, params, batch_size=g.batch_size)
     prompts = [prompt(c, conv) for conv in convs]
-    with _side(c, side) as model, _merged(model, side):
+    with as_side(c, side) as model, _merged(model, side):
         return gen.generate(model, c.tok, prompts, g, desc=f"{desc} [{side}]", seed=c.cfg.evaluate.seed)
 
 
@@ -175,7 +168,7 @@ def score(c: Candidates, side: str, pairs: list[tuple[str, str]], desc: str, max
     if cur:
         batches.append(cur)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with _side(c, side) as model, torch.inference_mode():
+    with as_side(c, side) as model, torch.inference_mode():
         device = next(model.parameters()).device
         for batch in tqdm(batches, desc=f"{desc} [{side}]", unit="batch"):
             width = max(len(seqs[i][0]) for i in batch)

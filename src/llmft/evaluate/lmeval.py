@@ -1,7 +1,7 @@
 """lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ARC-Challenge, TruthfulQA, or local task YAMLs).
 
-lm-eval's `hf` model loads the base, and for the tuned side the same base with `peft=<adapter dir>`; each
-side is loaded once and runs every task, then is freed. Tasks run one at a time so a task that cannot
+lm-eval's `hf` model wraps the weights the candidates loaded (models.load: model.revision and the trust rules apply
+as everywhere): the tuned side with its adapter on, the base side with it off, one copy of the weights. Tasks run one at a time so a task that cannot
 load (a hub dataset offline) becomes an error row instead of failing the others. Per-document scores
 from `log_samples` pair the two sides for the bootstrap.
 """
@@ -20,16 +20,18 @@ def _fewshot(setting, task: str) -> Optional[int]:
     return setting.get(task) if isinstance(setting, dict) else setting
 
 
-def _hflm(base: str, adapter: Optional[str], batch_size: int):
-    import torch
+def _hflm(c: cands.Candidates, batch_size: int):
+    """lm-eval's `hf` model around the loaded weights (it takes a model instance as `pretrained`)."""
+    import logging
+
     from lm_eval.models.huggingface import HFLM
 
-    cuda = torch.cuda.is_available()
-    kw = dict(pretrained=base, batch_size=batch_size, device="cuda" if cuda else "cpu",
-              dtype="bfloat16" if cuda else "float32")
-    if adapter:
-        kw["peft"] = adapter
-    return HFLM(**kw)
+    quiet = logging.getLogger("lm_eval.models.huggingface")
+    level, quiet.level = quiet.level, logging.ERROR  # its warning that other model arguments are ignored: none are given
+    try:
+        return HFLM(pretrained=c.model, tokenizer=c.tok, batch_size=batch_size)
+    finally:
+        quiet.setLevel(level)
 
 
 def _per_doc(samples: dict) -> dict[tuple, dict[str, float]]:
@@ -46,8 +48,25 @@ def _name(task: str, metric: str, filt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
-def run(c: cands.Candidates, judge=None) -> dict:
+def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
+    """Every task for one side, one at a time: a task that cannot load becomes an error, the others still run."""
     import lm_eval
+
+    for task in e.lm_eval_tasks:
+        if task in errors:
+            continue
+        try:
+            r = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=tm, num_fewshot=_fewshot(e.lm_eval_num_fewshot, task),
+                limit=e.lm_eval_limit, log_samples=True, bootstrap_iters=0, random_seed=e.seed,
+                numpy_random_seed=e.seed, torch_random_seed=e.seed, fewshot_random_seed=e.seed)
+        except Exception as ex:  # unknown task, dataset not downloadable offline, ...
+            errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            continue
+        results[task][side] = r
+
+
+def run(c: cands.Candidates, judge=None) -> dict:
     from lm_eval.tasks import TaskManager
 
     e = c.cfg.evaluate
@@ -56,21 +75,10 @@ def run(c: cands.Candidates, judge=None) -> dict:
     tm = TaskManager(include_path=e.lm_eval_include_path) if e.lm_eval_include_path else TaskManager()
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
-    for side, adapter in (("base", None), ("tuned", c.adapter)):
-        lm = _hflm(c.base_path, adapter, e.generation.batch_size)
-        for task in e.lm_eval_tasks:
-            if task in errors:
-                continue
-            try:
-                r = lm_eval.simple_evaluate(
-                    model=lm, tasks=[task], task_manager=tm, num_fewshot=_fewshot(e.lm_eval_num_fewshot, task),
-                    limit=e.lm_eval_limit, log_samples=True, bootstrap_iters=0, random_seed=e.seed,
-                    numpy_random_seed=e.seed, torch_random_seed=e.seed, fewshot_random_seed=e.seed)
-            except Exception as ex:  # unknown task, dataset not downloadable offline, ...
-                errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
-                continue
-            results[task][side] = r
-        del lm
+    lm = _hflm(c, e.generation.batch_size)
+    for side in ("base", "tuned"):
+        with cands.as_side(c, side):
+            _run_tasks(e, tm, lm, side, results, errors)
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:

@@ -9,9 +9,31 @@ is not used because it also computes a weight gradient, a third of the GEMM FLOP
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import Check, Switch
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+class FP8(Switch):
+    name = "fp8"
+    fsdp = False  # each process would cast and keep the whole base in FP8
+
+    def checks(self, tc) -> Check:
+        # a 4-bit base has no bf16 nn.Linear to cast, and QLoRA already cut the base's bytes more than FP8 would
+        yield "fp8", not (tc.fp8 and tc.qlora.enabled), "cannot be combined with train.qlora.enabled=true"
+
+    def before_model_load(self, cfg) -> None:
+        check_device()  # a GPU without FP8 matmuls fails in a second, not after minutes of loading
+
+    def after_trainer(self, cfg, trainer) -> str:
+        # One process holds the only copy and saves only the adapter; DDP broadcasts every parameter at wrapping
+        done, released = convert(trainer.model, release=int(os.environ.get("WORLD_SIZE", "1")) == 1)
+        return (f"train.fp8: {done} frozen projections multiply in FP8"
+                + (f"; their bf16 weights released ({released / 2**30:.1f} GiB)" if released else ""))
 
 
 def _cast(t: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +67,14 @@ class _FrozenFP8Linear(torch.autograd.Function):
 
 
 def _forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    y = _FrozenFP8Linear.apply(x, layer.fp8_weight, layer.fp8_weight_t, layer.fp8_scale)
+    y = _FrozenFP8Linear.apply(x, *layer.fp8)
     return y if layer.bias is None else y + layer.bias
+
+
+def weights(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(W in FP8, its transpose, the scale) of a layer `convert` made multiply in FP8, else None (fused_lora reads
+    them to run the base GEMM inside its own)."""
+    return getattr(layer, "fp8", None)
 
 
 def convertible(model) -> list[tuple[str, torch.nn.Linear]]:
@@ -72,7 +100,7 @@ def convert(model, release: bool = False) -> tuple[int, int]:
     for _, m in layers:
         with torch.no_grad():
             w8, scale = _cast(m.weight, E4M3)
-        m.fp8_weight, m.fp8_weight_t, m.fp8_scale = w8, w8.t().contiguous(), scale
+        m.fp8 = (w8, w8.t().contiguous(), scale)
         m.forward = _forward.__get__(m)
         storage = m.weight.untyped_storage()
         if release and storage.resizable() and storage.nbytes() == m.weight.numel() * m.weight.element_size():
@@ -83,7 +111,7 @@ def convert(model, release: bool = False) -> tuple[int, int]:
 
 def check_device() -> None:
     """FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); CPUs run them slowly (tests)."""
-    from .errors import LlmftError
+    from ..errors import LlmftError
 
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()

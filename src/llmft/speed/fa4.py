@@ -3,7 +3,7 @@
 torch's varlen kernels (train.attn_implementation=varlen) are FlashAttention-2's, written for Ampere. FlashAttention-4
 (the flash-attn-4 package, `flash_attn.cute`) has Hopper and Blackwell kernels for the same variable-length, causal
 attention, written in CUTLASS's CuTe DSL and compiled on first use. The boundaries and the layout are varlen's
-(llmft/varlen.py); only the kernel differs, and FA4 takes fewer key/value heads than query heads as they are.
+(llmft/speed/varlen.py); only the kernel differs, and FA4 takes fewer key/value heads than query heads as they are.
 
 The two kernels are torch custom ops, forward and backward, so torch.compile keeps each one call, as it does torch's
 own varlen op; their fake versions give it the output shapes. torch >= 2.10 can also send its own flash ops to FA4
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LlmftError
+from ..errors import LlmftError
 
 INSTALL = "pip install flash-attn-4==4.0.0b40 'nvidia-cutlass-dsl[cu13]==4.8.1' (tested with torch 2.11 + CUDA 13)"
 
@@ -80,6 +80,6 @@ _fwd.register_autograd(_backward, setup_context=_save)
 
 
 def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=True):
-    """torch's varlen_attn call, causal, as llmft/varlen.py makes it: [T, H, D] query, [T, Hkv, D] key/value."""
+    """torch's varlen_attn call, causal, as llmft/speed/varlen.py makes it: [T, H, D] query, [T, Hkv, D] key/value."""
     assert cu_q is cu_k and max_q == max_k, "self-attention within each document: one set of boundaries"
     return _fwd(q, k, v, cu_q, max_q, q.shape[-1] ** -0.5 if scale is None else scale)[0]

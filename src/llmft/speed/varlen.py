@@ -5,7 +5,7 @@ every block it computes is masked out. FlashAttention's varlen kernels take each
 only its causal triangle. TRL's padding-free collator already computes those boundaries on the CPU (`cu_seq_lens_q`,
 `max_length_q`), and transformers passes them down to the attention function as keyword arguments. torch ships the
 kernels, forward and backward (`torch.nn.attention.varlen`, torch >= 2.10), so no flash-attn package is needed.
-`varlen_fa4` runs FlashAttention-4's Hopper/Blackwell kernels on the same boundaries instead (llmft/fa4.py).
+`varlen_fa4` runs FlashAttention-4's Hopper/Blackwell kernels on the same boundaries instead (llmft/speed/fa4.py).
 
 Registered with transformers' AttentionInterface under its name; no mask function is registered, so transformers builds
 no mask for it. Padding-free packing only: one flat row, positions restarting at every document.
@@ -16,7 +16,26 @@ import functools
 import inspect
 import math
 
-from .errors import LlmftError
+from ..config import VARLEN
+from ..errors import LlmftError
+from . import Check, Switch
+
+
+class Varlen(Switch):
+    """train.attn_implementation=varlen or varlen_fa4."""
+
+    name = "attn_implementation"
+
+    def on(self, tc) -> bool:
+        return tc.attn_implementation in VARLEN
+
+    def checks(self, tc) -> Check:
+        a = tc.attn_implementation
+        if a in VARLEN:  # the documents' boundaries come from the padding-free collator
+            yield "attn_implementation", tc.packing, f"{a} needs train.packing=true"
+
+    def before_model_load(self, cfg) -> None:
+        register(cfg.train.attn_implementation)  # transformers must know the name before it loads the model
 
 KERNELS: dict[str, tuple] = {}
 """name -> (causal varlen attention, whether it takes fewer key/value heads than query heads): torch's for varlen,

@@ -20,7 +20,23 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8
+from . import Check, Switch, fp8
+
+
+class FusedLoRA(Switch):
+    name = "fused_lora"
+    fsdp = False  # untested with sharded adapters
+
+    def checks(self, tc) -> Check:
+        if tc.fused_lora:  # the fused layer has no dropout, DoRA or bias path; 4-bit base layers are PEFT's others
+            yield "fused_lora", tc.lora.dropout == 0, f"needs train.lora.dropout=0 (it is {tc.lora.dropout})"
+            yield "fused_lora", not tc.lora.use_dora, "cannot be combined with train.lora.use_dora=true"
+            yield "fused_lora", tc.lora.bias == "none", "needs train.lora.bias=none"
+            yield "fused_lora", not tc.qlora.enabled, "cannot be combined with train.qlora.enabled=true"
+
+    def after_trainer(self, cfg, trainer) -> str:
+        done, total = convert(trainer.model)
+        return f"train.fused_lora: {done} of {total} LoRA layers fused"
 
 
 @torch.library.custom_op("llmft::addmm_", mutates_args=("c",))
@@ -79,9 +95,8 @@ def _forward(self, x, *args, **kwargs):
             or active[0] not in self.lora_A or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
     name, base = active[0], self.base_layer
-    f8 = hasattr(base, "fp8_weight")
-    out = _LoraLinear.apply(x, None if f8 else base.weight, base.fp8_weight if f8 else None,
-                            base.fp8_weight_t if f8 else None, base.fp8_scale if f8 else None,
+    w8 = fp8.weights(base)
+    out = _LoraLinear.apply(x, None if w8 else base.weight, *(w8 or (None, None, None)),
                             self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
     return out if base.bias is None else out + base.bias
 

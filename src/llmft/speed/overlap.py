@@ -19,10 +19,24 @@ One wait stays, inside TRL's fused LM head: it scores only the positions with a 
 from __future__ import annotations
 
 import torch
-from trl import SFTTrainer
+
+from . import Switch
 
 
-class OverlapSFTTrainer(SFTTrainer):
+class Overlap(Switch):
+    name = "overlap_steps"
+
+    def trainer_args(self, cfg) -> dict:
+        # batches copied from (the Trainer's default) pinned memory without blocking
+        return {"accelerator_config": {"non_blocking": True}}
+
+    def trainer_class(self, cls: type) -> type:
+        return type(f"Overlap{cls.__name__}", (OverlapSteps, cls), {})
+
+
+class OverlapSteps:
+    """Mixed in before TRL's SFTTrainer (Overlap.trainer_class): its loss and token count without host waits."""
+
     _pending_tokens: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -57,8 +71,3 @@ class OverlapSFTTrainer(SFTTrainer):
         if self._pending_tokens is not None:
             self.state.num_input_tokens_seen += int(self._pending_tokens.item())
             self._pending_tokens = None
-
-
-def trainer_args() -> dict:
-    """What the SFTConfig needs for it: batches copied from (the Trainer's default) pinned memory without blocking."""
-    return {"accelerator_config": {"non_blocking": True}}
