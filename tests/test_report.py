@@ -288,6 +288,46 @@ def test_missing_records_and_secrets(tmp_path, store):
         report.collect(cfg)
 
 
+def test_a_skip_reason_reads_as_a_short_sentence_not_an_exception(tmp_path, store):
+    # The reasons as evaluate records them offline (sources' own message around the exception datasets and
+    # huggingface_hub raise; lm-eval's); the report names the cause, table.json keeps the whole text.
+    from llmft.evaluate import sources
+
+    cfg = write_records(tmp_path, store)
+    table_path = Path(cfg.paths.eval_dir) / "table.json"
+    table = json.loads(table_path.read_text())
+    offline = ConnectionError("Couldn't reach 'tatsu-lab/alpaca_eval' on the Hub (OfflineModeIsEnabled)")
+    table["alpaca_eval"] = stats.skipped(sources._hub_failure(
+        "AlpacaEval data", "tatsu-lab/alpaca_eval", "evaluate.alpaca_eval_data", offline, "a local copy"))
+    table["mt_bench"] = stats.skipped(
+        "MT-Bench data lmsys/mt-bench could not be loaded from the hub (LocalEntryNotFoundError: An error happened "
+        "while trying to locate the file on the Hub and we cannot find the requested files in the local cache.); "
+        "offline, set evaluate.mt_bench_data to a directory holding question.jsonl")
+    table["lm_eval_mmlu"] = stats.skipped("lm-eval could not run task mmlu: ConnectionError: Couldn't reach "
+                                          "'cais/mmlu' on the Hub (OfflineModeIsEnabled); offline, use a local "
+                                          "task YAML (evaluate.lm_eval_include_path)")
+    table["lm_eval_gsm8k"] = stats.error("lm-eval could not run task gsm8k: KeyError: 'doc_to_text'")
+    io.write_json(table_path, table)
+    records = report.collect(cfg)
+    records["evaluate"]["judge"] = "gpt-4"  # the judged benchmarks were skipped for their data, not for no judge
+    report.build(records, tmp_path / "r.pdf")
+    text = flat(text_of(tmp_path / "r.pdf"))
+    discussion = text.split("6 Discussion")[1]
+    assert ("alpaca_eval was skipped, so the run says nothing about it: its data is not available offline "
+            "(tatsu-lab/alpaca_eval; evaluate.alpaca_eval_data can name a local copy).") in discussion
+    assert ("mt_bench was skipped, so the run says nothing about it: its data is not available offline "
+            "(lmsys/mt-bench; evaluate.mt_bench_data can name a local copy).") in discussion
+    assert ("lm_eval_mmlu was skipped, so the run says nothing about it: its data is not available offline "
+            "(lm-eval task mmlu; evaluate.lm_eval_include_path can name a local copy).") in discussion
+    for exception_text in ("ConnectionError", "Couldn't reach", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+        assert exception_text not in text
+    # a failure keeps its whole reason: it is what has to be fixed
+    assert "lm_eval_gsm8k failed, so the run says nothing about it: lm-eval could not run task gsm8k: KeyError" in text
+    # the whole text stays in the records
+    assert json.loads(table_path.read_text())["alpaca_eval"]["reason"].startswith(
+        "AlpacaEval data tatsu-lab/alpaca_eval could not be loaded from the hub (ConnectionError: Couldn't reach")
+
+
 def test_a_full_run_fits_and_shows_the_study(tmp_path, store):
     from pypdf import PdfReader
 

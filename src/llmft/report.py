@@ -22,7 +22,7 @@ from .errors import LlmftError
 from .data import SPLITS
 from .evaluate.report import VERDICTS, verdict
 from .report_rules import (MIN_N_VERDICT, abstract, categories, count, discussion, model_name, not_run, num, redact,
-                           benchmark_of, results, signed, source_name, span)
+                           benchmark_of, results, short_reason, signed, source_name, span)
 
 
 def report(cfg: Config) -> Path:
@@ -285,8 +285,10 @@ def _evaluation(doc: _Doc) -> list:
                                   [w * 0.15, w * 0.6, w * 0.09, w * 0.16], right={2})]
     notes = not_run(r)
     if notes:
-        out.append(doc.table("Benchmarks that did not produce a result, and why.", ["benchmark", "status", "reason"],
-                             [[pdf.esc(n), pdf.esc(row["status"]), pdf.esc(redact(row.get("reason", "")))]
+        out.append(doc.table("Benchmarks that did not produce a result, and why (the full text: table.json in "
+                             "paths.eval_dir, and the run's eval.&lt;benchmark&gt;.status tag in MLflow).",
+                             ["benchmark", "status", "reason"],
+                             [[pdf.esc(n), pdf.esc(row["status"]), pdf.esc(short_reason(row))]
                               for n, row in notes], [w * 0.22, w * 0.1, w * 0.68]))
     return out
 

@@ -53,6 +53,39 @@ def _e(text) -> str:
     return escape(str(text))
 
 
+# A skip reason's exception text (`ConnectionError: Couldn't reach 'tatsu-lab/alpaca_eval' ...`) stays in table.json
+# and the run's eval.<benchmark>.status tag in MLflow; the report names the cause in a few words instead.
+_EXCEPTION = re.compile(r"\(?\b[A-Z]\w*(?:Error|Exception|Enabled)\b:")
+_OFFLINE = ("OfflineModeIsEnabled", "LocalEntryNotFound", "ConnectionError", "Couldn't reach", "ConnectTimeout",
+            "outgoing traffic has been disabled", "Max retries exceeded", "Failed to resolve", "Network is unreachable",
+            "Name or service not known", "Temporary failure in name resolution")
+_HUB_ID = re.compile(r"(?<![\w./:-])([A-Za-z0-9][\w.-]*/[\w.-]*\w)(?![\w/])")
+_REFUSED = ("GatedRepoError", "401 Client Error", "403 Client Error", "Unauthorized")
+SHORT_REASON_MAX = 200
+
+
+def short_reason(row: dict) -> str:
+    """Why a benchmark did not run, for the report's sentences: a skipped benchmark's reason without the text of
+    the exception behind it (`its data is not available offline (tatsu-lab/alpaca_eval; evaluate.alpaca_eval_data
+    can name a local copy)`). A failed benchmark's reason is kept whole: it is what has to be fixed."""
+    text = " ".join(redact(row.get("reason", "")).split())
+    m = _EXCEPTION.search(text) if row.get("status") == "skipped" else None
+    if m:
+        head, tail = text[:m.start()].rstrip(" :;,("), text[m.start():]
+        hub, task = _HUB_ID.search(head), re.search(r"\btask (\S+)$", head)
+        what = hub.group(1) if hub else f"lm-eval task {task.group(1)}" if task else None
+        key = re.search(r"\bevaluate\.\w+", tail)  # the key the full reason says to set
+        hint = f"{key.group(0)} can name a local copy" if key else None
+        if what and any(s in tail for s in _REFUSED):
+            text = f"the hub refused access to its data ({what}): accept its terms there and set HF_TOKEN"
+        elif any(s in tail for s in _OFFLINE):
+            text = f"its data is not available offline ({'; '.join(x for x in (what, hint) if x)})" if what else \
+                f"{head}, not available offline" + (f" ({hint})" if hint else "")
+        else:
+            text = head + (f" ({hint})" if hint else "")
+    return text if len(text) <= SHORT_REASON_MAX else text[:SHORT_REASON_MAX - 1].rsplit(" ", 1)[0] + "…"
+
+
 # ---------------------------------------------------------------------------------------- queries
 # metric name prefix -> the benchmark that writes it, in evaluate's order (table.json's keys are sorted)
 PREFIXES = (("test_loss", "test_loss"), ("test_perplexity", "test_loss"), ("reference_nll", "reference_nll"),
@@ -234,7 +267,7 @@ def _limits(r: dict) -> list[str]:
         if n in judged and not e.get("judge"):
             continue
         what = "failed" if row["status"] == "error" else "was skipped"
-        out.append(f"<i>{_e(n)}</i> {what} ({_e(redact(row.get('reason', '')))}), so the run says nothing about it.")
+        out.append(f"<i>{_e(n)}</i> {what}, so the run says nothing about it: {_e(short_reason(row).rstrip('.'))}.")
     for n, row in results(r):
         if row.get("parse_failures"):
             out.append(f"The judge's verdict could not be parsed for {count(row['parse_failures'])} answers on "
