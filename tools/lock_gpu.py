@@ -42,7 +42,7 @@ GPU_ONLY = frozenset({
     "nvidia-cutlass-dsl-libs-cu12", "nvidia-cutlass-dsl-libs-cu13", "nvidia-nccl-cu13", "nvidia-nvjitlink",
     "nvidia-nvshmem-cu13", "nvidia-nvtx", "quack-kernels", "torch-c-dlpack-ext", "triton",
 })
-# Packages both locks pin at different versions: torch only (2.13.0+cpu on a CPU, 2.11.0 with CUDA 13 on a GPU).
+# Packages both locks pin at different versions: torch only (2.13.0 on a CPU, 2.11.0 with CUDA 13 on a GPU).
 DIFFERENT = frozenset({"torch"})
 # The GPU extras at the versions the committed GPU numbers were measured with (benchmarks/device_fa4.txt, NOTES).
 GPU_PINS = {
