@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,10 +23,9 @@ def atomic_path(path: str | Path):
     it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.{TMP}*"):
-        if stale.is_file():
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{TMP}{os.getpid()}{path.suffix}")  # the suffix: writers that go by it
+    # one name per process and thread: the judge's worker threads may write the same cache entry at once. The suffix
+    # last: writers that go by it (savefig)
+    tmp = path.with_name(f".{path.name}.{TMP}{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

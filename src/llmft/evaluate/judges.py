@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from ..config import JudgeConfig
 from ..errors import LlmftError
-from ..io import TMP
+from ..io import write_atomic
 
 OPENAI_URL = "https://api.openai.com/v1"
 
@@ -139,11 +139,7 @@ def _read_cache(path: Path) -> Optional[dict]:
 
 
 def _write_cache(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one temporary name per thread: the judge's worker threads may write the same cache entry at once
-    tmp = path.with_name(f".{path.name}.{TMP}{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(record, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, ensure_ascii=False))
 
 
 GIVEN_UP = {"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None, "given_up": True}
