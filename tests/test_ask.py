@@ -72,4 +72,4 @@ def test_cli_takes_prompts_and_overrides(tmp_path, tiny_model_dir, adapter):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[1] What is 2+2=?" in res.stdout  # a prompt with '=' in it is a prompt, not an override
-    assert "generating" in res.stderr  # the progress bar
+    assert "ask [base]" in res.stderr and "ask [tuned]" in res.stderr  # a progress bar per side
