@@ -82,8 +82,8 @@ class PadToMax:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=".bench/llama2-7b", help="model folder: its config.json, random weights")
     ap.add_argument("--data", default=".bench/data/train.jsonl", help="prompt/completion rows (make_assets.py)")
     ap.add_argument("--lengths", default=".bench/data/lengths.json", help="the rows' token lengths, for the MFU")
@@ -156,7 +156,8 @@ def main():
            "peak_mem_gib": peak_gib(), **mfu(model, args, tps), "env": environment()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print("RESULT", json.dumps({k: res.get(k) for k in ("variant", "real_tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")}))
+    keys = ("variant", "real_tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")
+    print("RESULT", json.dumps({k: res.get(k) for k in keys}))
 
 
 def mfu(model, args, tps: float) -> dict:

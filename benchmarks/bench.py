@@ -172,10 +172,10 @@ class LossCheck:
         return [f"model.base={ctx.model}" if ctx.smoke else "model.base=embedded", f"paths.base_cache={ctx.out}/base"]
 
     def common(self, ctx: Ctx, d: Path, run: str) -> list[str]:
-        return [*stage(ctx, d / run, f"loss-{run}", LORA, self.runs[run], steps=6 if ctx.smoke else self.steps_n),
-                *self.model(ctx), "model.random_init=false", f"paths.data={ctx.split}", f"paths.train_plots={d}/curves/{run}",
-                "train.eval_steps=3" if ctx.smoke else "train.eval_steps=5", "train.logging_steps=1",
-                "train.max_eval_rows=null", "train.seed=42"]
+        steps, every = (6, 3) if ctx.smoke else (self.steps_n, 5)
+        return [*stage(ctx, d / run, f"loss-{run}", LORA, self.runs[run], steps=steps), *self.model(ctx),
+                "model.random_init=false", f"paths.data={ctx.split}", f"paths.train_plots={d}/curves/{run}",
+                f"train.eval_steps={every}", "train.logging_steps=1", "train.max_eval_rows=null", "train.seed=42"]
 
     def names(self, ctx: Ctx) -> list[str]:
         return [n for n in self.runs if not (ctx.smoke and "train.fp8=true" in self.runs[n])]  # no FP8 on a CPU
@@ -208,13 +208,12 @@ class Fsdp:
         d = ctx.out / name
         accel = "configs/accelerate/cpu-fsdp.yaml" if ctx.smoke else "configs/accelerate/fsdp.yaml"
         n = 1 if ctx.smoke else ctx.nproc
-        fsdp = stage(ctx, d / "fsdp2", f"{name}-fsdp2", None, self.overrides)
-        launch = [ctx.py, "-m", "accelerate.commands.launch", "--config_file", accel, "--num_processes", str(n),
-                  str(HERE / "fsdp_check.py")]
+        fsdp = stage_overrides(ctx, d / "fsdp2", f"{name}-fsdp2", self.overrides)
+        launch = [ctx.py, "-m", "accelerate.commands.launch", "--config_file", accel, "--num_processes", str(n)]
         # the reload gets the FSDP run's overrides: the same config, so the same seeded random base
         return [Step(stage(ctx, d / "plain", f"{name}-plain", None, self.overrides)),
-                Step(launch + fsdp[3:], NO_MULTICAST),
-                Step([ctx.py, str(HERE / "fsdp_check.py"), "reload", *fsdp[4:]])]
+                Step([*launch, str(HERE / "fsdp_check.py"), "train", *fsdp], NO_MULTICAST),
+                Step([ctx.py, str(HERE / "fsdp_check.py"), "reload", *fsdp])]
 
     def read(self, ctx: Ctx, name: str) -> dict:
         d = ctx.out / name
@@ -252,40 +251,49 @@ CONFIGS = {
 class PowerLog:
     """nvidia-smi every 200 ms (power, SM clock, clock-limit reasons) into OUT/smi.csv: whether a run is held back by
     the GPU's power cap. Each run's summary keeps the samples inside it where the GPU is at least 90 % busy."""
-    FIELDS = "timestamp,power.draw,power.limit,clocks.sm,clocks.max.sm,utilization.gpu,"
+    FIELDS = "timestamp,power.draw,power.limit,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu,"
     SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap
 
     def __init__(self, path: Path):
         self.path, self.proc = path, None
         for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):  # the older drivers' name
-            q = ["nvidia-smi", f"--query-gpu={self.FIELDS}{reasons}", "--format=csv,noheader,nounits"]
-            if subprocess.run(q, capture_output=True).returncode == 0:
+            q = ["nvidia-smi", f"--query-gpu={self.FIELDS}{reasons}", "--format=csv"]
+            try:
+                ok = subprocess.run(q, capture_output=True).returncode == 0
+            except OSError:  # no nvidia-smi at all
+                break
+            if ok:
                 self.proc = subprocess.Popen([*q, "-lms", "200"], stdout=path.open("w"))
                 return
         print("bench: --smi: nvidia-smi answers no power query here; no power log", flush=True)
 
     def summary(self, t0: float, t1: float) -> dict | None:
-        if self.proc is None:
-            return None
-        busy = []
-        with self.path.open() as f:
-            for row in csv.reader(f, skipinitialspace=True):
-                try:
-                    t = datetime.datetime.strptime(row[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                    power, limit, clock, util = map(float, row[1:4] + row[5:6])
-                except (ValueError, IndexError):
-                    continue  # a torn last line, or [N/A]
-                if t0 <= t <= t1 and util >= 90:
-                    busy.append((power, limit, clock, int(row[6], 16) & self.SW_POWER_CAP != 0))
-        if not busy:
-            return {"busy_samples": 0}
-        return {"busy_samples": len(busy), "power_w_mean": round(sum(b[0] for b in busy) / len(busy)),
-                "power_limit_w": busy[0][1], "sm_clock_mhz_mean": round(sum(b[2] for b in busy) / len(busy)),
-                "sm_clock_mhz_min": min(b[2] for b in busy), "power_capped_samples": sum(b[3] for b in busy)}
+        return power_summary(self.path, t0, t1) if self.proc is not None else None
 
     def stop(self):
         if self.proc is not None:
             self.proc.terminate()
+
+
+def power_summary(path: Path, t0: float, t1: float) -> dict:
+    """The samples of PowerLog's CSV between t0 and t1 (epoch seconds) where the GPU is at least 90 % busy: mean power,
+    SM clock, and how many name the software power cap among the clock-limit reasons."""
+    busy = []
+    with path.open() as f:
+        for row in csv.reader(f, skipinitialspace=True):
+            try:
+                t = datetime.datetime.strptime(row[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # the machine's local time
+                power, limit, clock, util = (float(x.split()[0]) for x in row[1:4] + row[6:7])  # "81.08 W"
+                capped = int(row[7], 16) & PowerLog.SW_POWER_CAP != 0
+            except (ValueError, IndexError):
+                continue  # a torn last line, or [N/A]
+            if t0 <= t <= t1 and util >= 90:
+                busy.append((power, limit, clock, capped))
+    if not busy:
+        return {"busy_samples": 0}
+    return {"busy_samples": len(busy), "power_w_mean": round(sum(b[0] for b in busy) / len(busy)),
+            "power_limit_w": busy[0][1], "sm_clock_mhz_mean": round(sum(b[2] for b in busy) / len(busy)),
+            "sm_clock_mhz_min": min(b[2] for b in busy), "power_capped_samples": sum(b[3] for b in busy)}
 
 
 def run(ctx: Ctx, name: str, env: dict, timeout: float | None, power: PowerLog | None) -> dict:
@@ -313,7 +321,7 @@ def run(ctx: Ctx, name: str, env: dict, timeout: float | None, power: PowerLog |
                 print(f"bench: {name} failed (rc {rc}); the end of {d / 'log'}:\n  " + "\n  ".join(tail), flush=True)
                 break
     t1 = time.time()
-    rec["seconds"] = round(t1 - t0, 1)
+    rec["seconds"], rec["epoch_start_end"] = round(t1 - t0, 1), [t0, t1]  # to summarise smi.csv again later
     rec.update(conf.read(ctx, name))
     if power is not None:
         rec["power"] = power.summary(t0, t1)

@@ -1,9 +1,10 @@
 """Does the adapter an FSDP run saves give the logits the sharded model gave at the end of training? (`bench.py fsdp`)
 
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py train k=v ...
-        the train stage as `-m llmft train` runs it (params.yaml + the overrides); afterwards every process runs the still-sharded model
-        on one fixed validation row (a collective) and rank 0 saves its logits, with and without the adapter,
-        beside the adapter (fsdp_logits.pt).
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py \
+        train k=v ...
+        The train stage as `-m llmft train` runs it (params.yaml + the overrides); afterwards every process runs the
+        still-sharded model on one fixed validation row (a collective) and rank 0 saves its logits, with and without
+        the adapter, beside the adapter (fsdp_logits.pt).
     python benchmarks/fsdp_check.py reload k=v ...     (the same overrides)
         One process, no FSDP: the base built the way the stage builds it (model.random_init is seeded, so it is
         the same random base) + PeftModel.from_pretrained(paths.adapter); prints a RESULT line and writes it

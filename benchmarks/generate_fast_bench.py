@@ -111,7 +111,8 @@ def speed(args):
         # first pass compiles every shape it meets; the second, same prompts, is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        res["rows"].append({"path": "fast", "fast_batch_size": fb, "auto_batch": auto, "auto_batch_cache_len": 256 + args.new_tokens, "prompts": n_prompts,
+        res["rows"].append({"path": "fast", "fast_batch_size": fb, "auto_batch": auto,
+                            "auto_batch_cache_len": 256 + args.new_tokens, "prompts": n_prompts,
                             "first_pass_with_compile": r1, **r2, "passes_equal": out1 == out2})
         print("RESULT", json.dumps(res["rows"][-1]), flush=True)
         fast_out = out2[:32]
@@ -204,8 +205,8 @@ def answers(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prompts", help="the answer set's prompt texts, from the shared benchmark files")
     p.add_argument("--shared", default="../shared/data")

@@ -35,8 +35,8 @@ def pct(xs, q):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".bench", help="assets folder (llama2-7b/, data/)")
     ap.add_argument("--dolly", default="../shared/data/dolly/dolly_sample.jsonl", help="Dolly rows (JSONL)")
     ap.add_argument("--template", default="alpaca", help="prompt template, as data.template")
