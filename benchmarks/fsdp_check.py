@@ -1,7 +1,6 @@
 """Does the adapter an FSDP run saves give the logits the sharded model gave at the end of training? (`bench.py fsdp`)
 
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py \
-        train k=v ...
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py train k=v
         The train stage as `-m llmft train` runs it (params.yaml + the overrides); afterwards every process runs the
         still-sharded model on one fixed validation row (a collective) and rank 0 saves its logits, with and without
         the adapter, beside the adapter (fsdp_logits.pt).
