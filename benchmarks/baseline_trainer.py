@@ -1,8 +1,9 @@
-"""Variant (a), the seed-style baseline: HF `Trainer` + PEFT LoRA on a random bf16 Llama-2-7B, every
-example padded to a fixed length, no packing, the model's default attention (SDPA in transformers 5).
+"""The seed-style baseline that llmft's speed is compared with: HF `Trainer` + PEFT LoRA on a random bf16
+Llama-2-7B, every example padded to a fixed length, no packing, the model's default attention (SDPA).
 
+    python benchmarks/bench.py baseline        # how the record runs it (batch 8, 40 steps, 5 of warm-up)
     python benchmarks/baseline_trainer.py --model .bench/llama2-7b --data .bench/data/train.jsonl \
-        --out benchmarks/results/baseline.json [--grad-ckpt] [--batch-size 8] [--qlora]
+        --out runs/baseline.json [--grad-ckpt] [--batch-size 8] [--qlora]
 
 Same data as llmft's path (prompt/completion rows), prompt tokens masked from the loss, LoRA r=16 alpha=32
 dropout=0.05 on all linear layers (q,k,v,o,gate,up,down). Times optimizer steps after `--warmup` steps
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,31 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flops  # noqa: E402
-
-# The CPU fallback exists only to smoke-test this script on a tiny model; numbers come from CUDA.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_gb(reserved=False):
-    if DEVICE != "cuda":
-        return None
-    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 1e9
-
-
-def random_model(model_dir: str, attn: str | None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    kw = {"attn_implementation": attn} if attn else {}
-    torch.manual_seed(0)
-    with torch.device(DEVICE):  # initialise on the GPU: seconds instead of a minute on the CPU
-        return AutoModelForCausalLM.from_config(cfg, dtype=DTYPE, **kw)
+from common import DEVICE, environment, peak_gib, random_model, sync  # noqa: E402
 
 
 def quantize_4bit(model):
@@ -66,18 +42,6 @@ def quantize_4bit(model):
     model.is_loaded_in_4bit = True
     torch.cuda.empty_cache()
     return model
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "liger-kernel", "bitsandbytes", "triton"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
 def load_rows(path: str, limit: int | None):
@@ -118,19 +82,20 @@ class PadToMax:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=".bench/llama2-7b")
-    ap.add_argument("--data", default=".bench/data/train.jsonl")
-    ap.add_argument("--lengths", default=".bench/data/lengths.json")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--name", default="baseline")
-    ap.add_argument("--max-length", type=int, default=512)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=".bench/llama2-7b", help="model folder: its config.json, random weights")
+    ap.add_argument("--data", default=".bench/data/train.jsonl", help="prompt/completion rows (make_assets.py)")
+    ap.add_argument("--lengths", default=".bench/data/lengths.json", help="the rows' token lengths, for the MFU")
+    ap.add_argument("--out", required=True, help="result JSON")
+    ap.add_argument("--name", default="baseline", help="the result's name")
+    ap.add_argument("--max-length", type=int, default=512, help="every row padded (or cut) to this many tokens")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=45)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--steps", type=int, default=45, help="optimizer steps in all")
+    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (>= 1)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--attn", default=None, help="attn_implementation; default: the model's default")
-    ap.add_argument("--qlora", action="store_true")
+    ap.add_argument("--qlora", action="store_true", help="quantise the random base to NF4 (bitsandbytes, CUDA)")
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -166,7 +131,7 @@ def main():
             sync()
             stamps.append(time.perf_counter())
 
-    targs = TrainingArguments(output_dir="/tmp/baseline_out", per_device_train_batch_size=args.batch_size,
+    targs = TrainingArguments(output_dir=str(Path(args.out).parent / "trainer_out"), per_device_train_batch_size=args.batch_size,
                               max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=2,
                               bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", logging_steps=5, save_strategy="no", report_to="none", seed=42,
                               gradient_checkpointing=args.grad_ckpt,
@@ -181,8 +146,6 @@ def main():
     timed_tokens = sum(collate.real[w:args.steps])
     dt = stamps[args.steps - 1] - stamps[w - 1]
     tps = timed_tokens / dt
-    lengths = json.loads(Path(args.lengths).read_text()) if os.path.exists(args.lengths) else None
-    fl = flops.llama2_7b(16, lengths, args.max_length)
     res = {"variant": args.name, "path": "HF Trainer + PEFT (baseline_trainer.py)",
            "qlora": args.qlora, "grad_ckpt": args.grad_ckpt, "batch_size": args.batch_size,
            "max_length": args.max_length, "padding": "max_length", "packing": False,
@@ -190,13 +153,22 @@ def main():
            "trainable_params": n_train, "timed_steps": args.steps - w,
            "real_tokens_per_s": tps, "padded_tokens_per_s": (args.steps - w) * args.batch_size * args.max_length / dt,
            "step_time_s": dt / (args.steps - w), "real_tokens_per_step": timed_tokens / (args.steps - w),
-           "peak_mem_gb": peak_gb(), "peak_mem_gib": peak_gb() and peak_gb() * 1e9 / 2**30,
-           "peak_reserved_gb": peak_gb(reserved=True),
-           "flops": fl, "mfu": flops.mfu(tps, fl["flops_per_token"]),
-           "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions()}
+           "peak_mem_gib": peak_gib(), **mfu(model, args, tps), "env": environment()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print("RESULT", json.dumps({k: res[k] for k in ("variant", "real_tokens_per_s", "step_time_s", "peak_mem_gb", "mfu")}))
+    keys = ("variant", "real_tokens_per_s", "step_time_s", "peak_mem_gib", "mfu")
+    print("RESULT", json.dumps({k: res.get(k) for k in keys}))
+
+
+def mfu(model, args, tps: float) -> dict:
+    """Model FLOPs utilisation against the H100's dense bf16 peak, for the 7B config only (flops.py counts
+    Llama-2-7B's shapes); {} for any other model, such as the tiny one of the smoke test."""
+    c = model.config
+    if (c.hidden_size, c.num_hidden_layers, c.intermediate_size) != (4096, 32, 11008):
+        return {}
+    lengths = json.loads(Path(args.lengths).read_text()) if Path(args.lengths).exists() else None
+    fl = flops.llama2_7b(16, lengths, args.max_length)
+    return {"flops": fl, "mfu": flops.mfu(tps, fl["flops_per_token"])}
 
 
 if __name__ == "__main__":

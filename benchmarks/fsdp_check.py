@@ -1,12 +1,13 @@
-"""Does the adapter an FSDP run saves give the logits the sharded model gave at the end of training? (fsdp.sh)
+"""Does the adapter an FSDP run saves give the logits the sharded model gave at the end of training? (`bench.py fsdp`)
 
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py train k=v ...
-        `llmft train` exactly as `-m llmft train` runs it; afterwards every process runs the still-sharded model
-        on one fixed validation row (a collective) and rank 0 saves its logits, with and without the adapter,
-        beside the adapter (fsdp_logits.pt).
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N benchmarks/fsdp_check.py train k=v
+        The train stage as `-m llmft train` runs it (params.yaml + the overrides); afterwards every process runs the
+        still-sharded model on one fixed validation row (a collective) and rank 0 saves its logits, with and without
+        the adapter, beside the adapter (fsdp_logits.pt).
     python benchmarks/fsdp_check.py reload k=v ...     (the same overrides)
         One process, no FSDP: the base built the way the stage builds it (model.random_init is seeded, so it is
-        the same random base) + PeftModel.from_pretrained(paths.adapter); prints a RESULT line.
+        the same random base) + PeftModel.from_pretrained(paths.adapter); prints a RESULT line and writes it
+        beside the adapter (reload_check.json).
 
 Under bf16 FSDP2 computes the LoRA layers in bf16 (its param_dtype), while PEFT keeps a reloaded adapter in fp32:
 the reload is compared both as loaded and with the adapter cast to the training compute dtype (which should match
@@ -42,27 +43,33 @@ def _logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tuned, base
 
 
-def train_then_capture(argv: list[str]) -> int:
-    from llmft import __main__ as cli
-    from llmft import train
+def train_then_capture(overrides: list[str]) -> int:
+    from transformers import TrainerCallback
+
+    from llmft.config import load_config
+    from llmft.train import train
+
+    class Capture(TrainerCallback):
+        """The sharded model as training leaves it, so it can run once more after train() returns."""
+
+        def on_train_end(self, args, state, control, model=None, processing_class=None, **kw):
+            seen.update(model=model, tok=processing_class, args=args)
 
     seen = {}
-    build = train.build_trainer
+    cfg = load_config("params.yaml", overrides)
+    train(cfg, callbacks=[Capture()])
+    if "model" not in seen:
+        return 1
+    from torch.distributed.tensor import DTensor
 
-    def keep(cfg):  # the trainer train.train() builds, so its sharded model can be run after training
-        built = build(cfg)
-        seen["trainer"], seen["cfg"] = built[0], cfg
-        return built
-
-    train.build_trainer = keep
-    rc = cli.main(argv)
-    if rc != 0 or "trainer" not in seen:
-        return rc or 1
-    trainer, cfg = seen["trainer"], seen["cfg"]
-    ids = _batch(cfg, trainer.processing_class).to(trainer.args.device)
-    tuned, base = _logits(trainer.model, ids)  # every rank: FSDP all-gathers the shards
+    model, args = seen["model"], seen["args"]
+    ids = _batch(cfg, seen["tok"]).to(args.device)
+    tuned, base = _logits(model, ids)  # every rank: FSDP all-gathers the shards
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"ids": ids.cpu(), "tuned": tuned, "base": base, "fsdp": trainer.is_fsdp_enabled,
+        # the precision the stage trained in, as the Trainer was told it (train.precision may say `auto`)
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())  # FSDP2 holds its parameters as DTensors
+        torch.save({"ids": ids.cpu(), "tuned": tuned, "base": base, "fsdp": sharded, "precision": precision,
                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))}, _logits_file(cfg))
         print(f"fsdp_check: sharded logits of {tuple(ids.shape)} tokens -> {_logits_file(cfg)}", flush=True)
     return 0
@@ -77,7 +84,7 @@ def reload(argv: list[str]) -> int:
 
     cfg = load_config("params.yaml", argv)
     ref = torch.load(_logits_file(cfg))
-    precision = train._precision(cfg.train)
+    precision = ref["precision"]
     base_path = resolve_base(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PeftModel.from_pretrained(train.load_model(cfg, base_path, precision), cfg.paths.adapter).to(device)
@@ -104,9 +111,13 @@ def reload(argv: list[str]) -> int:
     out["ok"] = (out["base_max_abs_diff"] <= tol and out["max_abs_diff_same_dtype"] <= tol
                  and out["adapter_effect_max_abs"] > tol)
     print("RESULT", json.dumps(out), flush=True)
+    (_logits_file(cfg).parent / "reload_check.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0 if out["ok"] else 1
 
 
 if __name__ == "__main__":
-    verb, args = sys.argv[1], sys.argv[2:]
-    sys.exit(train_then_capture(sys.argv[1:]) if verb == "train" else reload(args) if verb == "reload" else 2)
+    verb, args = (sys.argv[1:2] or ["--help"])[0], sys.argv[2:]
+    if verb not in ("train", "reload"):
+        print(__doc__)
+        sys.exit(0 if verb in ("-h", "--help") else 2)
+    sys.exit(train_then_capture(args) if verb == "train" else reload(args) if verb == "reload" else 2)

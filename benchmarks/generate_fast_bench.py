@@ -1,16 +1,18 @@
-"""The fast generation path (`llmft.generate`, `fast: true`) against plain batches, random bf16 Llama-2-7B (issue 15).
+"""Generation speed at 7B: llmft's fast path (`evaluate.generation.fast`) against plain `generate` batches, greedy,
+random bf16 Llama-2-7B weights, Dolly prompts.
 
-    # here: the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2) into the git-ignored .bench/
-    PYTHONPATH=src python benchmarks/generate_fast_bench.py prompts --shared ../shared/data --out .bench/answer_set.json
-    # on the GPU (through gpu.sh py, which installs the carried wheels):
-    bash benchmarks/gpu.sh py benchmarks/generate_fast_bench.py speed --out $OUT/speed.json
-    bash benchmarks/gpu.sh py benchmarks/generate_fast_bench.py answers --side base --out $OUT/answers_base.json
+    python benchmarks/bench.py generate          # how the record runs `speed` (.bench/ from make_assets.py)
+    python benchmarks/generate_fast_bench.py speed --out runs/speed.json
+    python benchmarks/generate_fast_bench.py prompts --shared ../shared/data --out .bench/answer_set.json
+    python benchmarks/generate_fast_bench.py answers --side base --out runs/answers_base.json
 
-`speed`: plain `generate` at batch 32 (the old path's best; 64 runs out of memory) and the fast path with its batch
-from free memory, both greedy at 256 new tokens on Dolly prompts; random weights almost never emit EOS, so nearly
-every row runs all 256 (new tokens are counted exactly). Then agreement: the fast path's answers to the baseline's
-32 prompts, token for token, and the same comparison on the tiny fp32 model with the compiled step (must be equal).
-`answers`: what `evaluate` generates, timed end to end: AlpacaEval's 805 prompts, MT-Bench turn 1 (80), then turn 2
+`speed`: plain `generate` at batch 32 (the plain path's best at 7B; 64 runs out of memory) and the fast path with its
+batch from free memory, both at --new-tokens (256); random weights almost never emit EOS, so nearly every row runs
+all of them (new tokens are counted exactly). The fast path runs twice over the same prompts: the first pass compiles,
+the second is the steady figure. Then agreement: the fast path's answers to the plain run's 32 prompts, token for
+token, and the same comparison on the tiny fp32 model (must be equal).
+`prompts` writes the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2); `answers`: what `evaluate`
+generates with them, timed end to end: AlpacaEval's 805 prompts, MT-Bench turn 1 (80), then turn 2
 (80, each holding its turn-1 answer), at max_new_tokens 1024; `--side tuned` adds a random LoRA adapter
 (r=16, all linear layers) and generates with it merged, as evaluate does on a GPU (`--unmerged`: as before).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -26,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `llmft evaluate` sets it
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEVICE, environment, peak_gib, random_model, sync  # noqa: E402
 
 
 def prompts(args):
@@ -37,34 +41,35 @@ def prompts(args):
     print(f"{len(alpaca)} AlpacaEval instructions, {len(mt)} MT-Bench questions -> {args.out}")
 
 
-class Counter:
-    """New tokens that reached the answers: rows the fast path yields, or non-pad tokens of plain `generate`."""
+class Counter(logging.Handler):
+    """New tokens that reached the answers. The fast path reports each bucket's count on the `llmft.generate` logger
+    (its DEBUG line "... %d new tokens in %.1f s"); plain `generate` calls are counted by their non-pad tokens."""
 
     def __init__(self, model, tok):
-        from llmft import generate as g
-
+        super().__init__(logging.DEBUG)
         self.n = 0
-        refill, inner = g._refill, model.generate
-
-        def counted_refill(*a, **k):
-            for i, new in refill(*a, **k):
-                self.n += len(new)
-                yield i, new
+        inner = model.generate
 
         def counted_generate(*a, **k):
             out = inner(*a, **k)
-            if "past_key_values" not in k:  # plain path only; the fast path is counted per finished row
+            if "past_key_values" not in k:  # plain path only; the fast path is counted from its log
                 self.n += int((out[:, k["input_ids"].shape[1]:] != tok.pad_token_id).sum())
             return out
 
-        g._refill, model.generate = counted_refill, counted_generate
+        model.generate = counted_generate
+        log = logging.getLogger("llmft.generate")
+        log.setLevel(logging.DEBUG)
+        log.addHandler(self)
+
+    def emit(self, record):
+        if record.getMessage().startswith("bucket of cache length"):
+            self.n += record.args[3]
 
 
 def timed(fn, counter):
-    from baseline_trainer import peak_gb, sync
     import torch
 
-    if torch.cuda.is_available():
+    if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     counter.n = 0
     sync()
@@ -73,11 +78,10 @@ def timed(fn, counter):
     sync()
     dt = time.perf_counter() - t0
     return out, {"new_tokens": counter.n, "seconds": round(dt, 2), "new_tokens_per_s": round(counter.n / dt),
-                 "peak_gib": round(peak_gb() or 0, 1)}
+                 "peak_gib": peak_gib() and round(peak_gib(), 1)}
 
 
 def setup(args):
-    from baseline_trainer import random_model
     from llmft.models import load_tokenizer
 
     tok = load_tokenizer(args.model)
@@ -87,32 +91,32 @@ def setup(args):
 
 
 def speed(args):
-    from baseline_trainer import load_rows, versions
-    import torch
     from llmft.config import GenerationConfig
     from llmft.generate import batch_rows, generate
 
     model, tok = setup(args)
     counter = Counter(model, tok)
-    rows = [r["prompt"] for r in load_rows(args.data, None)]
-    res = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "rows": []}
-    plain = GenerationConfig(max_new_tokens=256, batch_size=32, fast=False)
+    rows = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines() if line.strip()]
+    res = {**environment(), "new_tokens": args.new_tokens, "rows": []}
+    plain = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=32, fast=False)
     if not args.fast_only:
         generate(model, tok, rows[:2], GenerationConfig(max_new_tokens=8, batch_size=2, fast=False), progress=False)
         base_out, r = timed(lambda: generate(model, tok, rows[:32], plain, progress=False), counter)
-        res["rows"].append({"path": "plain generate", "batch": 32, "prompts": 32, **r})
+        res["rows"].append({"path": "plain generate", "batch": 32, "prompts": len(base_out), **r})
         print("RESULT", json.dumps(res["rows"][-1]), flush=True)
     for n_prompts, fb in args.fast_runs:
-        gen = GenerationConfig(max_new_tokens=256, fast=True, fast_batch_size=fb)
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb)
         p = (rows * (n_prompts // len(rows) + 1))[:n_prompts]
-        auto = batch_rows(model, 256 + 256, gen)
+        auto = batch_rows(model, 256 + args.new_tokens, gen)
         # first pass compiles every shape it meets; the second, same prompts, is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        res["rows"].append({"path": "fast", "fast_batch_size": fb, "auto_batch_at_512": auto, "prompts": n_prompts,
+        res["rows"].append({"path": "fast", "fast_batch_size": fb, "auto_batch": auto,
+                            "auto_batch_cache_len": 256 + args.new_tokens, "prompts": n_prompts,
                             "first_pass_with_compile": r1, **r2, "passes_equal": out1 == out2})
         print("RESULT", json.dumps(res["rows"][-1]), flush=True)
         fast_out = out2[:32]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     if args.fast_only:
         return
@@ -131,28 +135,31 @@ def agreement(tok, a: list[str], b: list[str]) -> dict:
         k = next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), min(len(tx), len(ty)))
         same += x == y
         first_diff.append(k)
-    return {"answers": len(a), "identical": same, "first_difference_token": sorted(first_diff)}
+    return {"answers": len(first_diff), "identical": same, "first_difference_token": sorted(first_diff)}
 
 
 def tiny_check(args) -> dict:
-    """The tiny fp32 Llama on the GPU: the compiled fast path must give plain generate's answers exactly."""
+    """The tiny Llama in fp32 (on the GPU: the compiled step): the fast path must give plain generate's answers
+    exactly. In bf16 at 7B they part after a few tokens (near-flat logits of random weights, bf16 ties)."""
+    import tempfile
+
     import torch
     from llmft import generate as g
     from llmft import models
     from llmft.config import GenerationConfig
 
-    d = models.tiny_llama("/tmp/tiny_gen", args.model)
-    model, tok = g.load(str(d), device="cuda", dtype=torch.float32)
-    qs = [json.loads(l)["prompt"] for l in Path(args.data).read_text().splitlines()[:48]]
-    plain = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=64, batch_size=16, fast=False), progress=False)
-    fast = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=64, fast=True, fast_batch_size=16,
-                                                       refill_tokens=32), progress=False)
+    d = models.tiny_llama(Path(tempfile.mkdtemp()) / "tiny", args.model)
+    model, tok = g.load(str(d), device=DEVICE, dtype=torch.float32)
+    qs = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines()[:48]]
+    n = min(64, args.new_tokens)
+    plain = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=n, batch_size=16, fast=False), progress=False)
+    fast = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=n, fast=True, fast_batch_size=16,
+                                                       refill_tokens=max(1, n // 2)), progress=False)
     return {"prompts": len(qs), "equal": plain == fast, **agreement(tok, plain, fast)}
 
 
 def answers(args):
     """evaluate's generation, end to end: AlpacaEval, MT-Bench turn 1, turn 2 built from turn 1's answers."""
-    from baseline_trainer import versions
     import torch
     from llmft.config import GenerationConfig
     from llmft.generate import generate
@@ -168,8 +175,7 @@ def answers(args):
     counter = Counter(model, tok)
     data = json.loads(Path(args.prompts).read_text())
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, fast=True)
-    res = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "versions": versions(), "side": args.side,
-           "max_new_tokens": args.max_new_tokens, "parts": []}
+    res = {**environment(), "side": args.side, "max_new_tokens": args.max_new_tokens, "parts": []}
 
     def part(name, texts):
         ps = [render_prompt("alpaca", turns) for turns in texts]
@@ -194,20 +200,23 @@ def answers(args):
     n = sum(p["new_tokens"] for p in res["parts"])
     res["total"] = {"seconds": round(total, 1), "new_tokens": n, "new_tokens_per_s": round(n / total)}
     print("RESULT total", json.dumps(res["total"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prompts")
+    p = sub.add_parser("prompts", help="the answer set's prompt texts, from the shared benchmark files")
     p.add_argument("--shared", default="../shared/data")
     p.add_argument("--out", default=".bench/answer_set.json")
-    for name in ("speed", "answers"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", default=".bench/llama2-7b")
-        p.add_argument("--data", default=".bench/data/train.jsonl")
-        p.add_argument("--out", required=True)
+    for name, what in (("speed", "plain against fast on Dolly prompts"), ("answers", "evaluate's answer set")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--model", default=".bench/llama2-7b", help="model folder: its config.json, random weights")
+        p.add_argument("--data", default=".bench/data/train.jsonl", help="prompt/completion rows (make_assets.py)")
+        p.add_argument("--out", required=True, help="result JSON")
+    sub.choices["speed"].add_argument("--new-tokens", type=int, default=256, help="new tokens per prompt")
     sub.choices["speed"].add_argument("--fast-runs", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
                                       default=[(512, 0)], help="PROMPTSxFAST_BATCH_SIZE (0: from free memory)")
     sub.choices["speed"].add_argument("--fast-only", action="store_true",
@@ -217,7 +226,6 @@ def main():
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
     args = ap.parse_args()
-    import logging
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("llmft.generate").setLevel(logging.DEBUG)  # one line per bucket: batch, tokens, seconds
     {"prompts": prompts, "speed": speed, "answers": answers}[args.cmd](args)

@@ -1,15 +1,13 @@
-"""Do the speed switches change the math? Training and validation loss of runs against a reference (issue 16).
+"""Do the speed switches change the math? Training and validation loss of runs against a reference run.
 
-    python benchmarks/loss_equivalence.py --runs /tmp/llmft_runs --ref ref --names liger compile fastest --out DIR
+    python benchmarks/bench.py loss        # the runs (real SmolLM2 weights) and then this comparison
+    python benchmarks/loss_equivalence.py --runs DIR --ref ref --names bf16 fp8 --out DIR
 
-Each run's curves are its `train` stage's CSVs, RUNS/NAME/{train,eval}_loss.csv (loss_check.sh copies them there
-from the stage's plots folder). With --from-log, the training curves are read instead from the stage's progress
-lines in loss_check.sh's own log (the loss after each step, 3 decimals; no validation curve): for a device call
-cut short before the CSVs came back.
+Each run's curves are its `train` stage's CSVs, RUNS/NAME/{train,eval}_loss.csv (`bench.py loss` points each run's
+paths.train_plots there).
 For every name, at the steps both runs logged: the largest and the mean relative difference |run - ref| / ref,
 for training loss (per logged step) and validation loss (per evaluation), and the final values. Writes
 DIR/loss_equivalence.json and DIR/loss_equivalence.png (curves above, relative difference in % below).
-`benchmarks/loss_check.sh` makes the runs on the device with the embedded SmolLM2 (real weights).
 """
 from __future__ import annotations
 
@@ -18,22 +16,12 @@ import csv
 import json
 from pathlib import Path
 
-TOLERANCE = 0.01  # the issue's bar: curves within 1 % of the plain configuration's
+TOLERANCE = 0.01  # the bar for a switch that claims the same math: curves within 1 % of the reference's
 
 
 def read(path: Path) -> dict[int, float]:
     with path.open() as f:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
-
-
-def from_log(path: Path) -> dict[str, dict[int, float]]:
-    """{run: {step: loss}} from the progress bars of `train: starting; MLflow run bench-NAME` sections."""
-    import re
-
-    text = path.read_text().replace("\r", "\n")
-    parts = re.split(r"train: starting; MLflow run bench-(\S+)", text)
-    return {name: {int(m[1]): float(m[2]) for m in re.finditer(r"\| *(\d+)/\d+ \[[^\]]*, loss=([0-9.]+)", body)}
-            for name, body in zip(parts[1::2], parts[2::2])}
 
 
 def compare(ref: dict[int, float], run: dict[int, float]) -> dict:
@@ -48,23 +36,17 @@ def compare(ref: dict[int, float], run: dict[int, float]) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", default="/tmp/loss_check/curves", help="folder holding one folder of CSVs per run")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="folder holding one folder of CSVs per run")
     ap.add_argument("--ref", required=True, help="the reference run's name")
     ap.add_argument("--names", nargs="+", required=True, help="runs to compare with it")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--from-log", metavar="LOG", help="read training curves from loss_check.sh's log instead")
     args = ap.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
-    logged = from_log(Path(args.from_log)) if args.from_log else None
     for name in [args.ref, *args.names]:
-        if logged is not None:
-            if name not in logged:
-                raise SystemExit(f"loss_equivalence: {args.from_log} has no progress lines of run {name!r}")
-            curves[name] = {"train": logged[name], "eval": {}}
-            continue
         try:
             curves[name] = {kind: read(runs / name / f"{kind}_loss.csv") for kind in ("train", "eval")}
         except FileNotFoundError as e:

@@ -1,18 +1,26 @@
-"""Build what the GPU benchmark carries to the device (git-ignored .bench/): a Llama-2-7B model folder
-with config + tokenizer and no weights, and the Dolly sample formatted as prompt/completion.
+"""The inputs of the 7B speed benchmark, in the git-ignored .bench/: a Llama-2-7B model folder with config and
+tokenizer but no weights (the runs build random weights from it: no gated download, same speed), and the Dolly
+sample formatted as prompt/completion rows with their Llama-2 token lengths.
 
-    PYTHONPATH=src python benchmarks/make_assets.py [--out .bench] [--dolly ../shared/data/dolly/dolly_sample.jsonl]
+    python benchmarks/make_assets.py [--out .bench] [--dolly ../shared/data/dolly/dolly_sample.jsonl]
+    python benchmarks/make_assets.py --random-weights DIR [--model .bench/llama2-7b]
 
-Also writes benchmarks/results/dolly_lengths.json (Llama-2 token lengths of the formatted rows).
+The first also writes the lengths' statistics to --stats (benchmarks/results/dolly_lengths.json, which
+benchmarks/README.md quotes). The second saves seeded random weights of --model's config to DIR (with its
+tokenizer): QLoRA quantises weights as it loads them, so it needs them on disk, where model.random_init has none.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-from llmft import models, templates
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_model  # noqa: E402  (also puts this checkout's src/ first)
+
+from llmft import models, templates  # noqa: E402
 
 # Llama-2-7B's published config (meta-llama/Llama-2-7b-hf config.json).
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -27,11 +35,17 @@ def pct(xs, q):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".bench")
-    ap.add_argument("--dolly", default="../shared/data/dolly/dolly_sample.jsonl")
-    ap.add_argument("--template", default="alpaca")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".bench", help="assets folder (llama2-7b/, data/)")
+    ap.add_argument("--dolly", default="../shared/data/dolly/dolly_sample.jsonl", help="Dolly rows (JSONL)")
+    ap.add_argument("--template", default="alpaca", help="prompt template, as data.template")
+    ap.add_argument("--stats", default="benchmarks/results/dolly_lengths.json", help="where the length statistics go")
+    ap.add_argument("--random-weights", metavar="DIR", help="instead: save random weights of --model to DIR")
+    ap.add_argument("--model", default=".bench/llama2-7b", help="with --random-weights: the model folder")
     args = ap.parse_args()
+    if args.random_weights:
+        return random_weights(args.model, args.random_weights)
     from transformers import AutoTokenizer, LlamaConfig
 
     out = Path(args.out)
@@ -71,10 +85,18 @@ def main():
         ls = [min(t, m) for t in total]
         stats[f"s2_over_s_{m}"] = sum(x * x for x in ls) / sum(ls)
     (data_dir / "lengths.json").write_text(json.dumps(total))
-    res = Path("benchmarks/results")
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "dolly_lengths.json").write_text(json.dumps(stats, indent=1) + "\n")
+    Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
+
+
+def random_weights(model_dir: str, out: str) -> None:
+    """Seeded random weights of model_dir's config (bf16 on a GPU), saved with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    random_model(model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    print(f"random weights of {model_dir} -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Where a steady LoRA step goes (issue 16): profile the train stage's fastest configuration on the GPU.
+"""Where a steady LoRA step goes: torch.profiler over the train stage itself, kernel by kernel.
 
-    bash benchmarks/gpu.sh py benchmarks/profile_step.py --out DIR [key=value ...]
+    python benchmarks/profile_step.py --out DIR --no-step-wait              # the 7B config on a CUDA GPU
+    python benchmarks/profile_step.py --out DIR train.attn_implementation=varlen   # key=value: override the config
     python benchmarks/profile_step.py --analyze TRACE.json[.gz] --out DIR    # re-classify a saved trace
 
-It runs llmft's own stage, `llmft.train.train(cfg, callbacks=[...])`, with the overrides `gpu.sh llmft` passes
-plus the fastest configuration of benchmarks/README.md (packing 2048, flex attention, LoRA dropout 0, Liger,
-batch 4, torch.compile; the key=value arguments replace or add to them). One extra callback:
+It runs llmft's own stage, `llmft.train.train(cfg, callbacks=[...])`, on --params (configs/llama2-7b-lora.yaml) with
+what `bench.py` adds to it (random weights of --model, the Dolly rows of --data, outputs in DIR/run). One extra
+callback:
   - skips the stage's step-0 validation and the epoch-end one (eval-mode compiles, outside any training step);
   - times every step from one `on_step_end` to the next (it synchronises CUDA there, so each window holds exactly
     one step's GPU work, data loading and logging included; that per-step wait is what train.overlap_steps removes,
-    so its idle time is an upper bound there; under that switch it also brings the token count up to date);
+    so its idle time is an upper bound there: --no-step-wait profiles the steps as the stage runs them);
   - after --warmup steps (compile, recompiles for dynamic shapes) starts torch.profiler (CPU + CUDA activities,
     record_shapes) with one profiler warm-up step, records --active steps, then stops training.
+--smoke: the CPU check with a tiny --model (bench.py's CPU stand-ins; no GPU kernels to classify).
 
 The trace is then classified kernel by kernel. Every GPU kernel is tied to the CPU call that launched it
 (CUPTI correlation id -> the runtime/driver launch event -> the innermost CPU op or user range enclosing that
@@ -24,7 +26,7 @@ launch on its thread, and that op's ancestors):
   attention: kernel names with flex_attention / flash / fmha / attention, and inductor templates (triton_tem_)
       that are not matmul templates.
   optimizer: kernels launched under Optimizer.step / Optimizer.zero_grad, under the Trainer's gradient clipping
-      (wrapped here in a `prof16::clip_grad_norm` range), or by an aten::_foreach_* / fused Adam op.
+      (wrapped here in a `profile::clip_grad_norm` range), or by an aten::_foreach_* / fused Adam op.
   norm_act_rope_loss: Liger's kernels (rms_norm, swiglu, rope, cross entropy, element_mul), inductor's fused
       pointwise/reduction kernels (triton_poi/red/per_), and aten's elementwise/reduction kernels. Sub-classes
       are kept apart in the JSON.
@@ -42,32 +44,14 @@ import bisect
 import collections
 import gzip
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-for p in (HERE, Path.cwd() / "benchmarks"):
-    if (p / "flops.py").exists():
-        sys.path.insert(0, str(p))
-        break
-
-RUN = os.environ.get("PROF_RUN_DIR", "/tmp/llmft_runs/prof16")
-# What `bash benchmarks/gpu.sh llmft NAME ...` passes, then the fastest configuration (benchmarks/README.md).
-STAGE_OVERRIDES = [
-    "model.base=.bench/llama2-7b", "model.random_init=true", "paths.data=.bench/data",
-    f"paths.adapter={RUN}/adapter", f"paths.checkpoints={RUN}/ckpt", f"paths.train_metrics={RUN}/train.json",
-    f"paths.train_plots={RUN}/plots", "train.eval_steps=100000", "train.save_steps=100000",
-    "train.max_eval_rows=8", "train.logging_steps=5", f"tracking.uri=sqlite:///{RUN}/mlflow.db",
-    f"tracking.artifact_location={RUN}/mlartifacts", f"paths.run_id={RUN}/run_id.txt",
-    "tracking.run_name=bench-prof16",
-]
-FASTEST = ["train.packing=true", "train.max_length=2048", "train.attn_implementation=flex_attention",
-           "train.lora.dropout=0.0", "train.use_liger_kernel=true", "train.batch_size=4", "train.max_steps=22",
-           "train.torch_compile=true"]
+sys.path.insert(0, str(HERE))
+import bench  # noqa: E402  (what a benchmark run adds to a config)
 METHOD = " ".join(__doc__.split("The trace is then classified")[1].split())
 VOCAB = 32000
 LORA_MAX_DIM = 64
@@ -79,12 +63,12 @@ LIGER_KERNEL = re.compile(r"rms_norm|rmsnorm|swiglu|silu_mul|rope|rotary|cross_e
 INDUCTOR_KERNEL = re.compile(r"^triton_(poi|red|per)_")
 ATEN_EW_KERNEL = re.compile(r"elementwise|reduce_kernel|Reduce|unrolled|vectorized|fill|copy_kernel|CatArray|"
                             r"index_elementwise|distribution", re.I)
-OPT_RANGE = re.compile(r"^(Optimizer\.(step|zero_grad)|prof16::clip_grad_norm)")
+OPT_RANGE = re.compile(r"^(Optimizer\.(step|zero_grad)|profile::clip_grad_norm)")
 OPT_OP = re.compile(r"^aten::(_foreach_|_fused_adam)")
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 CPU_CATS = {"cpu_op", "user_annotation"}
 TABLE = [("base_matmul", "frozen base projections (q/k/v/o, gate/up/down)"),
-         ("lm_head_matmul", "LM head GEMMs (frozen; inside Liger's fused linear cross entropy)"),
+         ("lm_head_matmul", "LM head GEMMs (frozen; inside the fused loss)"),
          ("lora_matmul", "LoRA GEMMs (one of M/K/N = r = 16)"),
          ("gemm_unknown_shape", "GEMMs without usable shapes"),
          ("attention", "attention (flex or FlashAttention, fwd + bwd)"),
@@ -403,7 +387,7 @@ def analyze(trace: dict, tokens_per_step=None, flops_per_token=None, peak=989e12
 
 def markdown(res: dict) -> str:
     a = res["analysis"]
-    lines = [f"# One steady step of the train stage's fastest configuration ({res.get('gpu', '?')})", ""]
+    lines = [f"# One steady step of the train stage ({res.get('gpu', '?')})", ""]
     if "tokens_per_s" in a:
         lines.append(f"{a['profiled_steps']} profiled steps, {a['step_wall_ms']:.1f} ms per step, "
                      f"{a['tokens_per_step']:,.0f} real tokens per step, {a['tokens_per_s']:,.0f} tok/s, "
@@ -469,28 +453,6 @@ def markdown(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the GPU run
-def env_info() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    v = {}
-    for p in ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "liger-kernel", "triton"]:
-        try:
-            v[p] = md.version(p)
-        except md.PackageNotFoundError:
-            v[p] = None
-    smi = ""
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception as e:  # noqa: BLE001
-        smi = f"nvidia-smi failed: {e}"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"python": sys.version.split()[0], "cuda": torch.version.cuda, "gpu": gpu,
-            "nvidia_smi": smi, "versions": v}
-
-
 def run(args, overrides):
     import torch
     import transformers
@@ -498,14 +460,16 @@ def run(args, overrides):
     from transformers import TrainerCallback
 
     import flops
+    from common import environment
     from llmft.config import load_config
     from llmft.train import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.params, overrides)
-    lengths = json.loads(Path(".bench/data/lengths.json").read_text())
-    fl = flops.llama2_7b(cfg.train.lora.r, lengths, cfg.train.max_length)
+    lengths = json.loads((args.data / "lengths.json").read_text())
+    # flops.py counts Llama-2-7B's shapes: no FLOP count (nor MFU) for another model, such as the smoke test's
+    fl = flops.llama2_7b(cfg.train.lora.r, lengths, cfg.train.max_length) if not args.smoke else {"flops_per_token": None}
     t_start = time.time()
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -515,7 +479,7 @@ def run(args, overrides):
     clip = transformers.Trainer._clip_grad_norm
 
     def marked_clip(self, model):
-        with record_function("prof16::clip_grad_norm"):
+        with record_function("profile::clip_grad_norm"):
             return clip(self, model)
 
     transformers.Trainer._clip_grad_norm = marked_clip
@@ -550,7 +514,7 @@ def run(args, overrides):
             self.walls.append(now - self.last_end)
             self.tokens.append(state.num_input_tokens_seen - self.tokens_last)
             self.last_end, self.tokens_last = now, state.num_input_tokens_seen
-            print(f"prof16: step {step} {self.walls[-1] * 1e3:.1f} ms {self.tokens[-1]} tokens "
+            print(f"profile_step: step {step} {self.walls[-1] * 1e3:.1f} ms {self.tokens[-1]} tokens "
                   f"(t={time.time() - t_start:.0f}s)", flush=True)
             if self.done:
                 control.should_training_stop = True
@@ -576,7 +540,7 @@ def run(args, overrides):
 
                 traceback.print_exc()
                 (out / "profile_error.txt").write_text(traceback.format_exc())
-                trace = Path("/tmp/prof16_trace.json")
+                trace = out / "trace.json"
                 if trace.exists() and not (out / "trace.json.gz").exists():
                     with open(trace, "rb") as f, gzip.open(out / "trace.json.gz", "wb", compresslevel=6) as g:
                         g.write(f.read())
@@ -585,25 +549,28 @@ def run(args, overrides):
 
         def _ready(self, prof):
             t0 = time.time()
-            trace = Path("/tmp/prof16_trace.json")
+            trace = out / "trace.json"
             prof.export_chrome_trace(str(trace))
             t_export = time.time() - t0
             size = trace.stat().st_size
             with open(trace, "rb") as f, gzip.open(out / "trace.json.gz", "wb", compresslevel=6) as g:
                 g.write(f.read())
+            trace_json = json.loads(trace.read_text())
+            trace.unlink()  # tens of MiB; the .gz stays (if small enough, below)
             lo = self.prof_first - 1  # index into walls/tokens (step numbers start at 1)
             steps_tokens = self.tokens[lo:lo + args.active]
-            a = analyze(json.loads(trace.read_text()), steps_tokens, fl["flops_per_token"])
+            a = analyze(trace_json, steps_tokens, fl["flops_per_token"])
             un_lo = max(args.warmup - args.unprofiled, 2)  # steps un_lo+1 .. warmup: steady, no profiler
             uw, ut = self.walls[un_lo:args.warmup], self.tokens[un_lo:args.warmup]
-            res = {"env": env_info(), "overrides": overrides, "flops": fl, "no_step_wait": args.no_step_wait,
+            res = {"env": environment(), "overrides": overrides, "flops": fl, "no_step_wait": args.no_step_wait,
                    "gpu": torch.cuda.get_device_name() if cuda else "cpu",
                    "profiled_step_numbers": list(range(self.prof_first, self.prof_first + args.active)),
                    "step_walls_ms_all": [round(w * 1e3, 2) for w in self.walls],
                    "step_tokens_all": self.tokens,
                    "unprofiled_steady": {"steps": f"{un_lo + 1}-{args.warmup}", "step_ms": 1e3 * sum(uw) / len(uw),
                                          "tokens_per_s": sum(ut) / sum(uw),
-                                         "mfu_vs_989": sum(ut) / sum(uw) * fl["flops_per_token"] / 989e12}
+                                         "mfu_vs_989": sum(ut) / sum(uw) * fl["flops_per_token"] / 989e12
+                                         if fl["flops_per_token"] else None}
                    if uw else None,
                    "peak_gpu_gib_so_far": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                    "trace_bytes": size, "trace_export_s": t_export,
@@ -619,7 +586,7 @@ def run(args, overrides):
             (out / "profile.json").write_text(json.dumps(res, indent=1) + "\n")
             (out / "profile.md").write_text(markdown(res))
             print(markdown(res), flush=True)
-            print(f"prof16: analysis done in {time.time() - t0:.0f}s (trace {size / 2**20:.1f} MiB)", flush=True)
+            print(f"profile_step: analysis done in {time.time() - t0:.0f}s (trace {size / 2**20:.1f} MiB)", flush=True)
             self.result = res
 
     cb = Profile()
@@ -638,14 +605,18 @@ def run(args, overrides):
     if cb.result is not None:
         cb.result["stage_metrics"] = metrics
         (out / "profile.json").write_text(json.dumps(cb.result, indent=1) + "\n")
-    print(f"prof16: total {time.time() - t_start:.0f}s; stage metrics {json.dumps(metrics)}", flush=True)
+    print(f"profile_step: total {time.time() - t_start:.0f}s; stage metrics {json.dumps(metrics)}", flush=True)
     return 0 if cb.result is not None else 1
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/profile")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="profile.json, profile.md, trace.json.gz; the run in run/")
+    ap.add_argument("--params", default=str(bench.ROOT / bench.LORA), help="the config to profile")
+    ap.add_argument("--model", type=Path, default=bench.Ctx.model, help="model folder: config.json (random weights)")
+    ap.add_argument("--data", type=Path, default=bench.Ctx.data, help="make_assets.py's rows and lengths.json")
+    ap.add_argument("--smoke", action="store_true", help="CPU check with a tiny --model (bench.py's stand-ins)")
     ap.add_argument("--warmup", type=int, default=8, help="steps before the profiler starts (compile included)")
     ap.add_argument("--unprofiled", type=int, default=4, help="steady steps timed without the profiler, before it")
     ap.add_argument("--active", type=int, default=4, help="profiled steps")
@@ -677,10 +648,13 @@ def main():
         (Path(args.out) / f"{name}.md").write_text(markdown(res))
         print(markdown(res))
         return 0
-    extra = [r for r in rest if "=" in r]
-    keys = {o.split("=", 1)[0] for o in extra}
-    overrides = [o for o in STAGE_OVERRIDES + FASTEST if o.split("=", 1)[0] not in keys] + extra
-    return run(args, overrides)
+    unknown = [r for r in rest if "=" not in r]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    out = args.out.resolve()
+    ctx = bench.Ctx(out=out, model=args.model.resolve(), data=args.data.resolve(), smoke=args.smoke, extra=rest)
+    # as many steps as the profile needs, and a few more: the callback stops training after the profiled ones
+    return run(args, bench.stage_overrides(ctx, out / "run", "profile", steps=args.warmup + args.active + 4))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 FA4 needs a Hopper or Blackwell GPU, so `Reference` stands in for its module here: the same two entry points, the same
 layouts (out [T, H, D], lse [H, T] in float32, five values back from the forward), and a backward that works from the
-saved output and log-sum-exp as FlashAttention's does, so that the ops must hand it the right tensors. The real
-kernels are compared with sdpa on the GPU by benchmarks/varlen_check.py, and the stage's curves by loss_check.sh.
+saved output and log-sum-exp as FlashAttention's does, so that the ops must hand it the right tensors. On the GPU,
+`python benchmarks/bench.py loss` compares the stage's curves with the real kernels against flex attention's.
 """
 from __future__ import annotations
 
