@@ -76,21 +76,16 @@ def train_then_capture(overrides: list[str]) -> int:
 
 
 def reload(argv: list[str]) -> int:
-    from peft import PeftModel
-
-    from llmft import train
+    from llmft import models
     from llmft.config import load_config
-    from llmft.models import load_tokenizer, resolve_base
 
     cfg = load_config("params.yaml", argv)
     ref = torch.load(_logits_file(cfg))
     precision = ref["precision"]
-    base_path = resolve_base(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PeftModel.from_pretrained(train.load_model(cfg, base_path, precision), cfg.paths.adapter).to(device)
-    ids = _batch(cfg, load_tokenizer(base_path, cfg.model.revision))
+    model = models.load(cfg, cfg.paths.adapter, dtype=precision)  # the random base again (seeded), the adapter on it
+    ids = _batch(cfg, models.tokenizer(cfg))
     assert torch.equal(ids, ref["ids"]), "the fixed row differs from the one the FSDP run used"
-    ids = ids.to(device)
+    ids = ids.to(next(model.parameters()).device)
     tuned_as_loaded, base = _logits(model, ids)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     for name, p in model.named_parameters():

@@ -82,9 +82,9 @@ def timed(fn, counter):
 
 
 def setup(args):
-    from llmft.models import load_tokenizer
+    from llmft import models
 
-    tok = load_tokenizer(args.model)
+    tok = models.tokenizer(models.config_for(args.model))
     model = random_model(args.model, None).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -143,13 +143,12 @@ def tiny_check(args) -> dict:
     exactly. In bf16 at 7B they part after a few tokens (near-flat logits of random weights, bf16 ties)."""
     import tempfile
 
-    import torch
     from llmft import generate as g
     from llmft import models
     from llmft.config import GenerationConfig
 
     d = models.tiny_llama(Path(tempfile.mkdtemp()) / "tiny", args.model)
-    model, tok = g.load(str(d), device=DEVICE, dtype=torch.float32)
+    model, tok = models.load_with_tokenizer(models.config_for(d), dtype="fp32", device=DEVICE)
     qs = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines()[:48]]
     n = min(64, args.new_tokens)
     plain = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=n, batch_size=16, fast=False), progress=False)
