@@ -141,7 +141,7 @@ def test_test_loss_matches_the_models_own_loss(full_run, tiny_model_dir):
             p_ids = c.tok(p)["input_ids"]
             ids = c.tok(p + comp + c.tok.eos_token)["input_ids"]
             labels = torch.tensor([[-100] * len(p_ids) + ids[len(p_ids):]])
-            with torch.no_grad(), candidates._side(c, side) as model:
+            with torch.no_grad(), candidates.as_side(c, side) as model:
                 loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
             assert ntok == len(ids) - len(p_ids)
             assert nll / ntok == pytest.approx(loss, rel=1e-4)
