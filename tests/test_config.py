@@ -9,13 +9,14 @@ import pytest
 
 from llmft.config import Config, describe, load_config
 from llmft.errors import LlmftError
+from llmft.templates import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_project_params_load_and_every_key_is_documented():
     cfg = load_config(ROOT / "params.yaml")
-    assert isinstance(cfg, Config) and cfg.data.template in ("alpaca", "llama2_chat", "model_chat")
+    assert isinstance(cfg, Config) and cfg.data.template in TEMPLATES
     undocumented = [key for key, _, doc in describe() if not doc]
     assert not undocumented
 
@@ -23,7 +24,9 @@ def test_project_params_load_and_every_key_is_documented():
 @pytest.mark.parametrize("text, expected", [
     ("data:\n  seed: 1\ntrain:\n  lora:\n    rr: 8\n", r"p\.yaml:5: unknown key 'train\.lora\.rr'"),
     ("train:\n  learning_rate: fast\n", r"p\.yaml:2: 'train\.learning_rate' = 'fast' is not float"),
-    ("data:\n  template: chatml\n", r"p\.yaml:2: 'data\.template' = 'chatml' is not one of 'alpaca'"),
+    ("data:\n  template: chatml\n",
+     r"p\.yaml:2: 'data\.template' unknown template 'chatml' \(choose from alpaca, llama2_chat, model_chat\)"),
+    ("data:\n  template: llama2\n", r"p\.yaml:2: 'data\.template' unknown template 'llama2' \(did you mean 'llama2_chat'\?\)"),
     ("data:\n  splits: [0.5, 0.1, 0.1]\n", r"p\.yaml:2: 'data\.splits' must be three fractions"),
     ("train:\n  batch_size: 0\n", r"p\.yaml:2: 'train\.batch_size' must be >= 1"),
     ("trian:\n  epochs: 1\n", r"p\.yaml:1: unknown key 'trian'"),
