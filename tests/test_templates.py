@@ -93,3 +93,22 @@ def test_unknown_template_and_answered_last_turn_are_errors():
         render_prompt("chatml", [("hi", None)])
     with pytest.raises(ValueError, match="last turn must be unanswered"):
         render_prompt("alpaca", [("hi", "there")])
+
+
+def test_model_chat_through_prepare_loads_the_base_models_tokenizer(tmp_path, tiny_model_dir, monkeypatch):
+    """prepare formats every row with the base model's chat template, also without data.stats_tokenizer."""
+    import json
+    import shutil
+
+    from llmft import data
+    from llmft.config import load_config
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "chat_model")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    monkeypatch.chdir(tmp_path)
+    data.prepare(load_config("none.yaml", [f"model.base={base}", "data.template=model_chat", "data.stats_tokenizer=false",
+                                           f"paths.data={tmp_path / 'processed'}"]))
+    row = json.loads((tmp_path / "processed" / "train.jsonl").read_text().splitlines()[0])
+    assert row["prompt"].startswith("<|im_start|>user\n") and row["prompt"].endswith("<|im_start|>assistant\n")
+    assert row["completion"] == row["response"]

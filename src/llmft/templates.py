@@ -26,6 +26,8 @@ class Template:
     name: str
     answer_prefix: str = ""
     """Text between the end of the prompt and the answer in a training completion."""
+    needs_tokenizer: bool = False
+    """render reads the base model's tokenizer (prepare loads it even without data.stats_tokenizer)."""
 
     def render(self, turns: Turns, context: str, system: str, tokenizer) -> str:
         raise NotImplementedError
@@ -80,6 +82,7 @@ class ModelChat(Template):
     """The base model's own chat template (its tokenizer's `chat_template`), without the BOS the tokenizer adds."""
 
     name = "model_chat"
+    needs_tokenizer = True
 
     def render(self, turns, context, system, tokenizer):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
