@@ -113,6 +113,12 @@ def test_missing_file_and_benchmark_not_run_fail_at_load(tmp_path, bench_data, a
         config(tmp_path, bench_data, answers, "http://127.0.0.1:9/v1", "evaluate.benchmarks=[alpaca_eval]")
 
 
+def test_saved_outputs_are_keyed_by_judged_benchmarks_of_the_table():
+    """evaluate.outputs' keys (config.SavedOutputs) are the one list of benchmarks answerable from files."""
+    from llmft.evaluate.benchmarks import BENCHMARKS
+
+    assert saved.BENCHMARKS and all(b in BENCHMARKS and BENCHMARKS[b].judged for b in saved.BENCHMARKS)
+
 def test_a_later_line_for_the_same_question_wins_as_in_fastchat(tmp_path, answers):
     text = answers["tuned"]["mt_bench"].read_text()
     first = json.loads(text.splitlines()[0])

@@ -559,7 +559,7 @@ class EvaluateConfig:
         ep = self.candidate_endpoint
         yield "candidate_endpoint", ep is None or ep.startswith(("http://", "https://")), "must be an http(s) URL or null"
         for side in ("base", "tuned"):
-            for bench in ("alpaca_eval", "mt_bench"):
+            for bench in (f.name for f in dataclasses.fields(SavedOutputs)):
                 yield (f"outputs.{side}.{bench}", getattr(getattr(self.outputs, side), bench) is None
                        or bench in self.benchmarks, f"is set but {bench} is not in evaluate.benchmarks")
 
