@@ -138,10 +138,11 @@ def tiny_check(args) -> dict:
     """The tiny fp32 Llama on the GPU: the compiled fast path must give plain generate's answers exactly."""
     import torch
     from llmft import generate as g
-    from llmft import models
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import helpers  # the tests' tiny model builder
     from llmft.config import GenerationConfig
 
-    d = models.tiny_llama("/tmp/tiny_gen", args.model)
+    d = helpers.tiny_llama("/tmp/tiny_gen", args.model)
     model, tok = g.load(str(d), device="cuda", dtype=torch.float32)
     qs = [json.loads(l)["prompt"] for l in Path(args.data).read_text().splitlines()[:48]]
     plain = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=64, batch_size=16, fast=False), progress=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import llmft
 from llmft.config import Config, describe, load_config
 from llmft.errors import LlmftError
 from llmft.templates import TEMPLATES
@@ -51,20 +52,15 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(tmp_path / "missing.yaml", ["train.lr"])
 
 
-def _cli(*args, cwd=ROOT):
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "llmft", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
-
-
 def test_cli_help_and_clean_errors(tmp_path):
-    res = _cli("--help")
+    res = llmft("--help", cwd=ROOT)
     assert res.returncode == 0 and all(v in res.stdout for v in ("prepare", "train", "evaluate", "register"))
-    res = _cli("train", "--help")
+    res = llmft("train", "--help", cwd=ROOT)
     assert res.returncode == 0 and "key=value" in res.stdout
-    res = _cli("params")
+    res = llmft("params", cwd=ROOT)
     assert res.returncode == 0 and "train.lora.r = 16" in res.stdout
     (tmp_path / "params.yaml").write_text("train:\n  bogus: 1\n")
-    res = _cli("prepare", cwd=tmp_path)
+    res = llmft("prepare", cwd=tmp_path)
     assert res.returncode == 2 and "params.yaml:2: unknown key 'train.bogus'" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -179,8 +175,8 @@ def test_three_presets_exist():
 
 def test_params_prints_values_in_effect_and_survives_a_closed_pipe(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  max_steps: 20\n")
-    res = _cli("params", "train.lora.r=4", 'train.liger_kernels={"swiglu":false}', "train.use_liger_kernel=true",
-               cwd=tmp_path)
+    res = llmft("params", "train.lora.r=4", 'train.liger_kernels={"swiglu":false}', "train.use_liger_kernel=true",
+                cwd=tmp_path)
     assert res.returncode == 0
     assert "train.max_steps = 20   (default: -1)" in res.stdout and "train.lora.r = 4   (default: 16)" in res.stdout
     assert "train.liger_kernels = {'swiglu': False}   (default: {})" in res.stdout  # a dict-valued key, whole

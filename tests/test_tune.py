@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmft import data
+from helpers import free_port, prepare_sample, tracking_server
 from llmft.config import load_config, rebased_paths
 from llmft.errors import LlmftError
 
@@ -24,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def project(tmp_path_factory, tiny_model_dir) -> Path:
     """A project folder with prepared data (the embedded sample, Llama-2 chat template)."""
     root = tmp_path_factory.mktemp("tune_project")
-    cfg = load_config("none.yaml", [f"paths.data={root / 'data'}", f"paths.data_metrics={root / 'data.json'}",
-                                    "data.stats_tokenizer=false", "data.template=llama2_chat"])
-    data.prepare(cfg)
+    prepare_sample(root / "data")
     return root
 
 
@@ -215,12 +212,6 @@ def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_postgres(cmd: list[str], **kw):
     """PostgreSQL refuses to run as root: run its tools as the postgres user when we are root."""
     if os.geteuid() == 0:
@@ -238,7 +229,7 @@ def postgres(tmp_path_factory):
     # not under pytest's tmp dir: that is private to root (0700), and the server runs as postgres
     base = Path(tempfile.mkdtemp(prefix="llmft-pg-"))
     os.chmod(base, 0o755)
-    pgdata, port = base / "data", _free_port()
+    pgdata, port = base / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
     res = _as_postgres(["initdb", "-D", str(pgdata), "-U", "llmft", "--auth=trust", "-E", "UTF8"])
@@ -259,18 +250,8 @@ def postgres(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
     """`mlflow server` with the PostgreSQL backend store: what workers on several machines would share."""
-    from test_serving import start_process, stop_process, wait_until_up
-
-    root = tmp_path_factory.mktemp("mlflow_pg")
-    port, log = _free_port(), root / "server.log"
-    proc = start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
-                          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                          "--workers", "1"], log, cwd=root)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with tracking_server(f"{postgres}/mlflow", tmp_path_factory.mktemp("mlflow_pg")) as url:
+        yield url
 
 
 def test_two_workers_share_one_study_on_postgres(project, tiny_model_dir, postgres, mlflow_server):
