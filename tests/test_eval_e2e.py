@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("open_qa", "brainstorming", "summarization")
 SECRET = "sk-e2e-secret-7777"
 ROW_KEYS = {"base", "tuned", "delta", "ci95", "n", "higher_is_better"}
+pytestmark = pytest.mark.slow  # every benchmark end to end, a served model: not in make test-fast
 
 
 def write_split(out_dir: Path, n: int = 6) -> None:

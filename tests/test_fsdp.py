@@ -74,6 +74,7 @@ def _checkpoint_keys(ckpt: Path) -> dict[str, tuple]:
     return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items()}
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, processed, tracking_uri):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -10,6 +10,7 @@ import pytest
 from helpers import dvc_project, sh
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # `dvc repro` of the whole pipeline: not in make test-fast
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from helpers import (KEY, assert_no_half_written, check_registry, comparable, do
 from judge_server import JudgeServer
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # kills, races and load on real processes: not in make test-fast
 
 
 # ----------------------------------------------------------------------------------------------- fixtures

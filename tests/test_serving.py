@@ -19,6 +19,7 @@ from llmft.config import GenerationConfig
 from llmft.errors import LlmftError
 
 SYSTEM = "Answer in one short sentence."
+pytestmark = pytest.mark.slow  # a real `mlflow server` and `mlflow models serve`: not in make test-fast
 ROWS = [{"instruction": "Name a primary colour."},
         {"instruction": "Summarise the text.", "context": "Paris is the capital of France."},
         {"instruction": "And the second one?", "history": json.dumps([["List two fruits.", "Apple, pear."]])}]

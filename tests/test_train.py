@@ -57,6 +57,7 @@ def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_mode
             assert torch.allclose(packed[a:b], alone, atol=1e-4), "a packed sample must not attend to its neighbours"
 
 
+@pytest.mark.slow
 def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path, tiny_model_dir, processed,
                                                                         tracking_uri):
     """train.static_shapes: every packed batch is one flat row of batch_size x max_length tokens, the last one too,
@@ -85,6 +86,7 @@ def test_static_shapes_pad_every_batch_to_one_shape_and_keep_the_curve(tmp_path,
     assert static["tokens_seen"] == free["tokens_seen"] > 0
 
 
+@pytest.mark.slow
 def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri):
     """train.compile_regions: the decoder layers are compiled one by one (the model itself is not), the second layer
     reuses the first one's graph, and the curves are those of the uncompiled stage."""
@@ -114,6 +116,7 @@ def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_mo
     assert max(abs(eager[s] - compiled[s]) / eager[s] for s in eager) < 1e-4, (eager, compiled)
 
 
+@pytest.mark.slow
 def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp_path, tiny_model_dir, processed,
                                                                              tracking_uri, monkeypatch):
     """train.attn_implementation=varlen: the packed batches keep TRL's document boundaries, they reach every layer's
@@ -136,6 +139,7 @@ def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp
     assert_same_curves(tmp_path / "sdpa", tmp_path / "varlen", min_rows=2)
 
 
+@pytest.mark.slow
 def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     from llmft import generate
     from llmft.config import GenerationConfig
@@ -161,6 +165,7 @@ def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     assert len(out) == 20, "the random base model does not stop (so stopping above was learned)"
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, tracking_uri):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     ma = run_train(a, tiny_model_dir, processed, tracking_uri)
@@ -177,6 +182,7 @@ def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, t
     assert run.data.params["train.lora.r"] == "16" and "git.commit" in run.data.tags and "version.trl" in run.data.tags
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, processed, tracking_uri):
     # Completions differ in length, so averaging per-micro-batch means would give a different gradient.
     # SGD, as in the two-process test: Adam's 1/sqrt(v) grows fp32 reduction-order noise (which changes with the
@@ -214,6 +220,7 @@ def _cli(args: list[str], **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, processed, tracking_uri):
     extra = {"train.max_steps": 24, "train.save_steps": 4, "train.eval_steps": 100, "train.max_train_rows": 96}
     killed = tmp_path / "killed"
@@ -237,6 +244,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, proce
         "the resumed run continues the killed run's MLflow run"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, processed, tracking_uri):
     # SGD: Adam's m/sqrt(v) turns fp32 reduction-order noise on near-zero gradients into ~1% of a step on
     # some lora_B entries; SGD keeps the noise at fp32 level, so a real sync bug (a gradient not averaged, or
@@ -274,6 +282,7 @@ def test_unknown_scheduler_or_optimizer_fails_at_load(tmp_path, tiny_model_dir, 
             load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{key: value}))
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_train_changes_nothing(tmp_path, tiny_model_dir, processed, tracking_uri):
     """`llmft train` twice (or `dvc repro -f`) must give the same adapter, not train past max_steps."""
     first = run_train(tmp_path, tiny_model_dir, processed, tracking_uri)
@@ -286,6 +295,7 @@ def test_rerun_of_a_finished_train_changes_nothing(tmp_path, tiny_model_dir, pro
     assert (tmp_path / "plots" / "train_loss.csv").read_text() == curve
 
 
+@pytest.mark.slow
 def test_curve_starts_at_the_untrained_adapter(tmp_path, tiny_model_dir, processed, tracking_uri):
     import mlflow
 
@@ -299,6 +309,7 @@ def test_curve_starts_at_the_untrained_adapter(tmp_path, tiny_model_dir, process
     assert min(h.step for h in hist) == 0
 
 
+@pytest.mark.slow
 def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
     """train.fp8 on the CPU (FP8 GEMMs emulated): every frozen projection converted, the adapter learns, and the
     curve stays within a few % of the same run without it, though not equal to it."""
@@ -320,6 +331,7 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     assert fused["eval_loss"] != full["eval_loss"] and lean["eval_loss"] != full["eval_loss"]
 
 
+@pytest.mark.slow
 def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
     """The two speed switches that do not change the math: the same curve, adapter and token count as without them
     (fp32 on the CPU: only rounding apart), and the count saved in the checkpoints stays right though it is read

@@ -59,6 +59,7 @@ def load(cfg):
     return optuna.load_study(study_name=cfg.tune.study, storage=cfg.tune.storage)
 
 
+@pytest.mark.slow
 def test_study_prunes_records_failures_and_promotes_the_best(project, tiny_model_dir, capsys):
     """4 trials: a learning rate so small that the median pruner stops it, the best trial registered and
     promoted through registry.promote with the study's tags; every trial an MLflow run under the study's."""
@@ -111,6 +112,7 @@ def test_study_prunes_records_failures_and_promotes_the_best(project, tiny_model
     assert "trial 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_study_goes_on(project, tiny_model_dir):
     """A trial whose loss is NaN (an absurd learning rate) is FAILED with its reason; the others complete."""
     import optuna
@@ -165,6 +167,7 @@ def wait_for_checkpoint(proc, ckpt: Path) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     """kill -9 in the middle of trial 1; the rerun retries it from its last checkpoint in the same MLflow
     run, and the study ends with exactly n_trials complete or pruned trials, none RUNNING anywhere."""
@@ -192,6 +195,7 @@ def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     assert len(runs) == 3  # trial 1 and its retry share one run
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
     """SIGINT (Ctrl-C) mid-trial: the trial is FAIL with its reason in Optuna and in its MLflow run, the study's
     run is KILLED, and the process exits non-zero."""
@@ -254,6 +258,7 @@ def mlflow_server(postgres, tmp_path_factory):
         yield url
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_postgres(project, tiny_model_dir, postgres, mlflow_server):
     """Two `llmft tune` processes, one PostgreSQL storage, one MLflow server: every trial runs once, in
     one worker, with one MLflow run, and the study stops at n_trials."""
