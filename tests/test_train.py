@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_prompt_masked_eos_learned_in_labels_pad_distinct(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.max_length": 1024}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.max_length": 1024}))
     trainer, _ = train.build_trainer(cfg)
     tok = trainer.processing_class
     assert tok.pad_token_id != tok.eos_token_id
@@ -42,7 +43,8 @@ def test_prompt_masked_eos_learned_in_labels_pad_distinct(tmp_path, tiny_model_d
 
 
 def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.packing": True}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.packing": True}))
     trainer, _ = train.build_trainer(cfg)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch, "bfd packing: one row, positions restart"
@@ -254,7 +256,8 @@ def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, proce
     single = run_train(tmp_path / "one", tiny_model_dir, processed, tracking_uri, **common, **{"train.grad_accum": 2})
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "llmft", "train", *train_overrides(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common)],
+                          "-m", "llmft", "train",
+                          *train_overrides(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common)],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "train.json").read_text())
@@ -271,7 +274,8 @@ def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, proce
 
 
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.qlora.enabled": True}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.qlora.enabled": True}))
     with pytest.raises(LlmftError, match="qlora.enabled=true needs a CUDA GPU"):
         train.train(cfg)
 

@@ -1,8 +1,8 @@
 """llmft/varlen.py on this CPU: the layout and head grouping around torch's FlashAttention varlen kernels.
 
 The kernels need CUDA, so `helpers.varlen_reference` stands in for them here: torch's varlen_attn signature, causal
-attention within each document through sdpa. The real kernels are compared with sdpa on the GPU by benchmarks/varlen_check.py, and the
-stage's curves with flex attention's by benchmarks/loss_check.sh. The stage's own wiring is in test_train.py.
+attention within each document through sdpa. The real kernels are compared with sdpa on the GPU by
+benchmarks/varlen_check.py, and the stage's curves with flex attention's by benchmarks/loss_check.sh. The stage's own wiring is in test_train.py.
 """
 from __future__ import annotations
 
