@@ -26,7 +26,7 @@ STAMP := $(BIN)/.installed
 endif
 LOCK_PYTHON ?= python3.12
 
-.PHONY: setup pipeline test test-long ui clean lock-gpu lock-gpu-check
+.PHONY: setup pipeline test test-fast test-long ui clean lock-gpu lock-gpu-check
 setup: $(STAMP) $(VOCAB) $(PLOTS)
 
 # Each lock is the full pinned set of a working install: no drift between machines. One stamp per lock, and a
@@ -70,6 +70,10 @@ pipeline: setup
 # The suite CI runs. Tests that also read the real benchmark files (LLMFT_SHARED_DATA) skip, saying why, where absent.
 test: setup
 	$(BIN)/python -m pytest -q -m "not long" --durations=10   # the slowest tests: CI must stay well under 30 min
+
+# The unit tests, for the edit-test loop (about 2 min on 2 cores): no `slow` (end to end, several processes) nor `long`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not long"
 
 # The long suite (minutes to hours): kill -9 sweeps, a real judge server, load on the served model.
 test-long: setup

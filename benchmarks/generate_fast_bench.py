@@ -147,7 +147,10 @@ def tiny_check(args) -> dict:
     from llmft import models
     from llmft.config import GenerationConfig
 
-    d = models.tiny_llama(Path(tempfile.mkdtemp()) / "tiny", args.model)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import helpers  # the tests' tiny model builder
+
+    d = helpers.tiny_llama(Path(tempfile.mkdtemp()) / "tiny", args.model)
     model, tok = models.load_with_tokenizer(models.config_for(d), dtype="fp32", device=DEVICE)
     qs = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines()[:48]]
     n = min(64, args.new_tokens)

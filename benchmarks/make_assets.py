@@ -20,7 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_model  # noqa: E402  (also puts this checkout's src/ first)
 
-from llmft import models, templates  # noqa: E402
+from llmft import templates  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import helpers  # noqa: E402 (the Llama-2 tokenizer builder, with the tests' tiny models)
 
 # Llama-2-7B's published config (meta-llama/Llama-2-7b-hf config.json).
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -49,7 +52,7 @@ def main():
     from transformers import AutoTokenizer, LlamaConfig
 
     out = Path(args.out)
-    tok_dir = models.llama2_tokenizer(models.find_llama2_vocab(), out / "llama2-tok")
+    tok_dir = helpers.llama2_tokenizer(helpers.find_llama2_vocab(), out / "llama2-tok")
     model_dir = out / "llama2-7b"
     model_dir.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(**LLAMA2_7B)

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import llmft, make_adapter, project_config, register_with, registry_config
 from llmft import ask, generate, models, templates
-from llmft.config import GenerationConfig, load_config, rebased_paths
+from llmft.config import GenerationConfig
 from llmft.errors import LlmftError
-from test_registry import make_adapter, make_cfg, register_with, store  # noqa: F401 (fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +24,7 @@ def expected(model_dir: Path, adapter_dir: Path | None, instruction: str, gen: G
 
 
 def test_answers_match_plain_generation_and_print_side_by_side(tmp_path, tiny_model_dir, adapter, capsys):
-    cfg = load_config("none.yaml", [*rebased_paths(tmp_path), f"model.base={tiny_model_dir}", f"paths.adapter={adapter}",
-                                    "evaluate.generation.max_new_tokens=8"])
+    cfg = project_config(tmp_path, "evaluate.generation.max_new_tokens=8", model=tiny_model_dir, adapter=adapter)
     (tmp_path / "p.jsonl").write_text(json.dumps({"instruction": "Name a colour.", "context": ""}) + "\n")
     out = ask.ask(cfg, ["Say hi"], file=str(tmp_path / "p.jsonl"))
     assert [r["instruction"] for r in out] == ["Say hi", "Name a colour."]
@@ -44,8 +38,8 @@ def test_answers_match_plain_generation_and_print_side_by_side(tmp_path, tiny_mo
     assert first.index("│") > 20  # two columns
 
 
-def test_registry_champion_answers_like_the_adapter(tmp_path, store, tiny_model_dir, adapter):  # noqa: F811
-    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapter, "ask-champion")
+def test_registry_champion_answers_like_the_adapter(tmp_path, store, tiny_model_dir, adapter):
+    cfg = registry_config(tmp_path, store, tiny_model_dir, adapter, "ask-champion")
     register_with(cfg, 1.0)
     out = ask.ask(cfg, ["Say hi"], tuned="models:/ask-champion@champion")
     assert out[0]["tuned"] == expected(tiny_model_dir, adapter, "Say hi", cfg.evaluate.generation)
@@ -60,16 +54,14 @@ def test_bad_prompt_files_and_missing_adapter_are_clear(tmp_path, tiny_model_dir
         ask.read_prompts([], str(bad))
     with pytest.raises(LlmftError, match="give a prompt"):
         ask.read_prompts([], None)
-    cfg = load_config("none.yaml", [*rebased_paths(tmp_path), f"model.base={tiny_model_dir}"])
+    cfg = project_config(tmp_path, model=tiny_model_dir)
     with pytest.raises(LlmftError, match="no adapter at .*paths.adapter"):
         ask.ask(cfg, ["hi"])
 
 
 def test_cli_takes_prompts_and_overrides(tmp_path, tiny_model_dir, adapter):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    res = subprocess.run([sys.executable, "-m", "llmft", "ask", "What is 2+2=?", f"model.base={tiny_model_dir}",
-                          f"paths.adapter={adapter}", "evaluate.generation.max_new_tokens=4"],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    res = llmft("ask", "What is 2+2=?", f"model.base={tiny_model_dir}", f"paths.adapter={adapter}",
+                "evaluate.generation.max_new_tokens=4", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[1] What is 2+2=?" in res.stdout  # a prompt with '=' in it is a prompt, not an override
     assert "ask [base]" in res.stderr and "ask [tuned]" in res.stderr  # a progress bar per side

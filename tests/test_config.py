@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import llmft
 from llmft.config import Config, describe, load_config
 from llmft.errors import LlmftError
+from llmft.templates import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_project_params_load_and_every_key_is_documented():
     cfg = load_config(ROOT / "params.yaml")
-    assert isinstance(cfg, Config) and cfg.data.template in ("alpaca", "llama2_chat", "model_chat")
+    assert isinstance(cfg, Config) and cfg.data.template in TEMPLATES
     undocumented = [key for key, _, doc in describe() if not doc]
     assert not undocumented
 
@@ -23,7 +25,9 @@ def test_project_params_load_and_every_key_is_documented():
 @pytest.mark.parametrize("text, expected", [
     ("data:\n  seed: 1\ntrain:\n  lora:\n    rr: 8\n", r"p\.yaml:5: unknown key 'train\.lora\.rr'"),
     ("train:\n  learning_rate: fast\n", r"p\.yaml:2: 'train\.learning_rate' = 'fast' is not float"),
-    ("data:\n  template: chatml\n", r"p\.yaml:2: 'data\.template' = 'chatml' is not one of 'alpaca'"),
+    ("data:\n  template: chatml\n",
+     r"p\.yaml:2: 'data\.template' unknown template 'chatml' \(choose from alpaca, llama2_chat, model_chat\)"),
+    ("data:\n  template: llama2\n", r"p\.yaml:2: 'data\.template' unknown template 'llama2' \(did you mean 'llama2_chat'\?\)"),
     ("data:\n  splits: [0.5, 0.1, 0.1]\n", r"p\.yaml:2: 'data\.splits' must be three fractions"),
     ("train:\n  batch_size: 0\n", r"p\.yaml:2: 'train\.batch_size' must be >= 1"),
     ("trian:\n  epochs: 1\n", r"p\.yaml:1: unknown key 'trian'"),
@@ -48,20 +52,15 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(tmp_path / "missing.yaml", ["train.lr"])
 
 
-def _cli(*args, cwd=ROOT):
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "llmft", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
-
-
 def test_cli_help_and_clean_errors(tmp_path):
-    res = _cli("--help")
+    res = llmft("--help", cwd=ROOT)
     assert res.returncode == 0 and all(v in res.stdout for v in ("prepare", "train", "evaluate", "register"))
-    res = _cli("train", "--help")
+    res = llmft("train", "--help", cwd=ROOT)
     assert res.returncode == 0 and "key=value" in res.stdout
-    res = _cli("params")
+    res = llmft("params", cwd=ROOT)
     assert res.returncode == 0 and "train.lora.r = 16" in res.stdout
     (tmp_path / "params.yaml").write_text("train:\n  bogus: 1\n")
-    res = _cli("prepare", cwd=tmp_path)
+    res = llmft("prepare", cwd=tmp_path)
     assert res.returncode == 2 and "params.yaml:2: unknown key 'train.bogus'" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -177,8 +176,8 @@ def test_three_presets_exist():
 
 def test_params_prints_values_in_effect_and_survives_a_closed_pipe(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  max_steps: 20\n")
-    res = _cli("params", "train.lora.r=4", 'train.liger_kernels={"swiglu":false}', "train.use_liger_kernel=true",
-               cwd=tmp_path)
+    res = llmft("params", "train.lora.r=4", 'train.liger_kernels={"swiglu":false}', "train.use_liger_kernel=true",
+                cwd=tmp_path)
     assert res.returncode == 0
     assert "train.max_steps = 20   (default: -1)" in res.stdout and "train.lora.r = 4   (default: 16)" in res.stdout
     assert "train.liger_kernels = {'swiglu': False}   (default: {})" in res.stdout  # a dict-valued key, whole

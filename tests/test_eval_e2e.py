@@ -8,18 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import make_adapter, model_server, project_config, show_result
 from judge_server import JudgeServer
 from llmft import templates, tracking
-from llmft.config import load_config, rebased_paths
 from llmft.errors import LlmftError
 from llmft.evaluate import candidates, evaluate
-from test_eval_judges import _show_result
-from test_registry import make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("open_qa", "brainstorming", "summarization")
 SECRET = "sk-e2e-secret-7777"
 ROW_KEYS = {"base", "tuned", "delta", "ci95", "n", "higher_is_better"}
+pytestmark = pytest.mark.slow  # every benchmark end to end, a served model: not in make test-fast
 
 
 def write_split(out_dir: Path, n: int = 6) -> None:
@@ -41,12 +40,6 @@ def project(tmp_path_factory, tiny_model_dir):
     return root, adapter
 
 
-@pytest.fixture(scope="module")
-def judge():
-    with JudgeServer() as s:
-        yield s
-
-
 @pytest.fixture
 def at_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the local lm-eval task YAMLs name their data relative to the repository root
@@ -54,17 +47,14 @@ def at_repo_root(monkeypatch):
 
 
 def make_cfg(root: Path, model: Path, adapter: Path, bench: dict, *overrides: str):
-    cfg = load_config("/nonexistent/params.yaml", [
-        *rebased_paths(root), f"model.base={model}", f"paths.adapter={adapter}", "train.max_length=128",
-        f"paths.data={root / 'processed'}",
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_location={root / 'mlartifacts'}",
-        "tracking.experiment=eval-e2e",
+    cfg = project_config(
+        root, "train.max_length=128", f"paths.data={root / 'processed'}", "tracking.experiment=eval-e2e",
         f"evaluate.mt_bench_data={bench['mt_bench']}", f"evaluate.alpaca_eval_data={bench['alpaca_eval']}",
         "evaluate.test_rows=6", "evaluate.rouge_rows=3", "evaluate.reference_rows=2", "evaluate.alpaca_eval_rows=4",
         "evaluate.mt_bench_rows=4", "evaluate.generation.max_new_tokens=6", "evaluate.bootstrap_samples=200",
         "evaluate.judge.api_key_env=LLMFT_E2E_JUDGE_KEY", f"paths.judge_cache={root / 'judge_cache'}",
         "register.metric=train.eval_loss",  # any benchmark subset may run here
-        *overrides])
+        *overrides, model=model, adapter=adapter, store=root)
     return cfg
 
 
@@ -239,7 +229,7 @@ def test_parse_failures_are_counted(project, tiny_model_dir, bench_data, tmp_pat
     assert row["parse_failures"] == {"base": 3, "tuned": 3}
     assert row["n"] == 3 and "mt_bench_score/turn_2" not in table and "mt_bench_score/turn_1" in table
     # the judgments file is FastChat's model_judgment format: its show_result gives the table's scores
-    fastchat = _show_result(tmp_path / "eval" / "outputs" / "mt_bench_judgments.jsonl")
+    fastchat = show_result(tmp_path / "eval" / "outputs" / "mt_bench_judgments.jsonl")
     assert fastchat[("base", "all")] == pytest.approx(row["base"]) and fastchat[("tuned", 1)] == pytest.approx(row["tuned"])
 
 
@@ -289,28 +279,15 @@ def test_unreachable_judge_is_an_error_row_naming_the_url(project, tiny_model_di
 @pytest.fixture(scope="module")
 def served(project, tiny_model_dir, bench_data, tmp_path_factory):
     """The tuned model logged as llmft's pyfunc and served by a real `mlflow models serve` on 127.0.0.1."""
-    import os
-    import sys
-
     from llmft import registry
-    from test_serving import free_port, start_process, stop_process, wait_until_up
 
     root, adapter = project
     work = tmp_path_factory.mktemp("served")
     cfg = make_cfg(work, tiny_model_dir, adapter, bench_data)
     with tracking.start_run(cfg, new=True):
         info = registry.log_model(cfg, str(tiny_model_dir), work)
-    port, log = free_port(), work / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=cfg.tracking.uri,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "--env-manager",
-                          "local", "-h", "127.0.0.1", "-p", str(port)], log, cwd=work, env=env)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with model_server(info.model_uri, cfg.tracking.uri, work) as (url, _):
+        yield url
 
 
 def test_endpoint_candidate_answers_like_the_in_process_adapter(full_run, served, project, judge, tiny_model_dir,

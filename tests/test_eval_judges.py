@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from helpers import show_result
 from judge_server import JudgeServer
 from llmft.config import JudgeConfig
 from llmft.errors import LlmftError
@@ -244,29 +245,6 @@ def test_length_controlled_win_rate_says_why_it_is_missing():
         assert 0 <= row["base"] < row["tuned"] <= 100
 
 
-def _show_result(path) -> dict:
-    """FastChat's own show_result (single mode) on a model_judgment file, its printed tables read back:
-    {(model, turn or 'all'): score}."""
-    import argparse
-    import contextlib
-    import io
-    import re
-
-    from fastchat.llm_judge.show_result import display_result_single
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        display_result_single(argparse.Namespace(input_file=str(path), bench_name="mt_bench", model_list=None,
-                                                 judge_model="stand-in"))
-    scores = {}
-    for line in out.getvalue().splitlines():
-        if m := re.fullmatch(r"(base|tuned)\s+([12])\s+([\d.]+)", line.strip()):
-            scores[(m[1], int(m[2]))] = float(m[3])
-        elif m := re.fullmatch(r"(base|tuned)\s+([\d.]+)", line.strip()):
-            scores[(m[1], "all")] = float(m[2])
-    return scores
-
-
 def test_mt_bench_scores_each_side_as_fastchat_does(tmp_path):
     """Parse failures on both sides, in different places: each side's score is its own FastChat score (its
     parsed ratings only), by hand and by FastChat's show_result; the CI pairs what both sides parsed."""
@@ -295,7 +273,7 @@ def test_mt_bench_scores_each_side_as_fastchat_does(tmp_path):
     path = tmp_path / "judgments.jsonl"
     write_jsonl(path, [{"question_id": questions[i]["question_id"], "model": side, "turn": t, "score": v,
                         "judge": ["stand-in", "single-v1"]} for (side, i, t), v in ratings.items()])
-    fastchat = _show_result(path)
+    fastchat = show_result(path)
     for side in ("base", "tuned"):
         assert fastchat[(side, "all")] == pytest.approx(row[side], abs=1e-6)
         for t in (1, 2):

@@ -30,12 +30,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, make_adapter, project_config, start_process, stop_process, wait_until_up
 from llmft import models
-from llmft.config import load_config, rebased_paths
 from llmft.errors import LlmftError
 from llmft.evaluate import evaluate
-from test_registry import make_adapter
-from test_serving import free_port, start_process, stop_process, wait_until_up
 
 pytestmark = pytest.mark.long
 
@@ -65,15 +63,14 @@ def llama_server(tmp_path_factory):
 def test_evaluate_with_llama_cpp_server_as_the_judge(llama_server, tiny_model_dir, shared_data, tmp_path, capsys):
     url, proc, log = llama_server
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
-    cfg = load_config("/nonexistent/params.yaml", [
-        *rebased_paths(tmp_path), f"model.base={tiny_model_dir}", f"paths.adapter={adapter}",
-        "register.metric=train.eval_loss", "evaluate.benchmarks=[alpaca_eval,mt_bench]",
+    cfg = project_config(
+        tmp_path, "register.metric=train.eval_loss", "evaluate.benchmarks=[alpaca_eval,mt_bench]",
         f"evaluate.alpaca_eval_data={shared_data / 'alpaca_eval' / 'gpt4_1106_preview_outputs.json'}",
         f"evaluate.mt_bench_data={shared_data / 'mt_bench'}", "evaluate.alpaca_eval_rows=4", "evaluate.mt_bench_rows=2",
         "evaluate.generation.max_new_tokens=16", "evaluate.bootstrap_samples=200",
         "evaluate.judge.model=smollm2-135m", f"evaluate.judge.base_url={url}",
         "evaluate.judge.max_tokens=256",  # FastChat's 2048 at CPU speed would take minutes per judgment
-        "evaluate.judge.max_concurrency=1", "evaluate.judge.timeout_s=300"])
+        "evaluate.judge.max_concurrency=1", "evaluate.judge.timeout_s=300", model=tiny_model_dir, adapter=adapter)
     failed = None
     try:
         evaluate(cfg)

@@ -8,19 +8,15 @@ evaluate must load no model and generate nothing, or these tests fail at load.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import llmft, project_config, project_overrides
 from judge_server import FAULT_KINDS, JudgeServer
-from llmft.config import load_config, rebased_paths
 from llmft.errors import LlmftError
 from llmft.evaluate import evaluate, saved
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = ["model.base=nobody/no-such-model", "register.metric=train.eval_loss"]
 
 
@@ -50,12 +46,12 @@ def answers(tmp_path_factory, bench_data):
 
 def config(tmp: Path, bench_data: dict, answers: dict, judge_url: str, *overrides: str):
     files = [f"evaluate.outputs.{side}.{b}={p}" for side, bs in answers.items() for b, p in bs.items()]
-    return load_config("/nonexistent/params.yaml", [
-        *rebased_paths(tmp), *NO_MODEL, f"paths.judge_cache={tmp / 'cache'}",
+    return project_config(
+        tmp, *NO_MODEL, f"paths.judge_cache={tmp / 'cache'}",
         "evaluate.benchmarks=[alpaca_eval,mt_bench]", f"evaluate.mt_bench_data={bench_data['mt_bench']}",
         f"evaluate.alpaca_eval_data={bench_data['alpaca_eval']}", "evaluate.alpaca_eval_rows=6",
         "evaluate.mt_bench_rows=6", "evaluate.bootstrap_samples=200", "evaluate.judge.model=stand-in",
-        f"evaluate.judge.base_url={judge_url}", *files, *overrides])
+        f"evaluate.judge.base_url={judge_url}", *files, *overrides)
 
 
 # ------------------------------------------------------------------------------------------ bad files
@@ -112,6 +108,12 @@ def test_missing_file_and_benchmark_not_run_fail_at_load(tmp_path, bench_data, a
     with pytest.raises(LlmftError, match=r"'evaluate.outputs.base.mt_bench' is set but mt_bench is not in evaluate.benchmarks"):
         config(tmp_path, bench_data, answers, "http://127.0.0.1:9/v1", "evaluate.benchmarks=[alpaca_eval]")
 
+
+def test_saved_outputs_are_keyed_by_judged_benchmarks_of_the_table():
+    """evaluate.outputs' keys (config.SavedOutputs) are the one list of benchmarks answerable from files."""
+    from llmft.evaluate.benchmarks import BENCHMARKS
+
+    assert saved.BENCHMARKS and all(b in BENCHMARKS and BENCHMARKS[b].judged for b in saved.BENCHMARKS)
 
 def test_a_later_line_for_the_same_question_wins_as_in_fastchat(tmp_path, answers):
     text = answers["tuned"]["mt_bench"].read_text()
@@ -254,13 +256,11 @@ def test_no_parsable_judgment_fails_the_stage_through_the_cli(bench_data, answer
     with JudgeServer() as s:
         s.malformed = True  # answers no parser can read ("I cannot grade this.")
         files = [f"evaluate.outputs.{side}.mt_bench={answers[side]['mt_bench']}" for side in ("base", "tuned")]
-        args = [*rebased_paths(tmp_path), *NO_MODEL, f"paths.judge_cache={tmp_path / 'cache'}",
+        args = [*project_overrides(tmp_path), *NO_MODEL, f"paths.judge_cache={tmp_path / 'cache'}",
                 "evaluate.benchmarks=[mt_bench]", f"evaluate.mt_bench_data={bench_data['mt_bench']}",
                 "evaluate.mt_bench_rows=2", "evaluate.judge.model=stand-in", f"evaluate.judge.base_url={s.base_url}",
                 *files]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        res = subprocess.run([sys.executable, "-m", "llmft", "evaluate", "--params", str(tmp_path / "none.yaml"), *args],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        res = llmft("evaluate", "--params", str(tmp_path / "none.yaml"), *args, cwd=tmp_path, timeout=600)
     assert res.returncode == 2, res.stderr[-3000:]
     table = json.loads((tmp_path / "results" / "eval" / "table.json").read_text())
     assert table["mt_bench"]["status"] == "error"

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from test_varlen import packed, reference
 
+from helpers import packed, varlen_reference
 from llmft.speed import fa4, varlen
 from llmft.errors import LlmftError
 
@@ -67,9 +67,9 @@ def through(attend, q, k, v, cu, lengths):
 
 
 def by_sdpa(q, k, v, cu, max_len):
-    """test_varlen's reference kernel: each document alone through sdpa, query head h reading key/value head h // 3."""
+    """helpers.varlen_reference: each document alone through sdpa, query head h reading key/value head h // 3."""
     q1, k1, v1 = (t[0].transpose(0, 1) for t in (q, k, v))
-    return reference(q1, k1, v1, cu, cu, max_len, max_len, scale=0.3, enable_gqa=True).unsqueeze(0)
+    return varlen_reference(q1, k1, v1, cu, cu, max_len, max_len, scale=0.3, enable_gqa=True).unsqueeze(0)
 
 
 def by_fa4(q, k, v, cu, max_len):

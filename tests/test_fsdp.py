@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from test_train import adapter, max_diff, overrides, processed, run_train, tracking_uri  # noqa: F401 (fixtures)
+from helpers import adapter_weights, max_diff, run_train, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_FSDP = ROOT / "configs" / "accelerate" / "cpu-fsdp.yaml"
@@ -26,7 +26,7 @@ def _launch(tmp: Path, model: Path, data: Path, uri: str, nproc: int = 2, **extr
     """`accelerate launch --config_file configs/accelerate/cpu-fsdp.yaml -m llmft train ...`, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_FSDP),
-           "--num_processes", str(nproc), "-m", "llmft", "train", *overrides(tmp, model, data, uri, **extra)]
+           "--num_processes", str(nproc), "-m", "llmft", "train", *train_overrides(tmp, model, data, uri, **extra)]
     # Output to a file, not a pipe: nobody reads a pipe while the run to be killed trains, and a full one blocks it.
     log = tmp.parent / f"{tmp.name}-{time.time_ns()}.log"
     with log.open("w") as f:
@@ -74,6 +74,7 @@ def _checkpoint_keys(ckpt: Path) -> dict[str, tuple]:
     return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items()}
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, processed, tracking_uri):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -89,7 +90,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, proce
     # and the checkpoint holds the adapter alone, every tensor whole (shapes of the final adapter).
     shards = sorted(p.name for p in (two / "ckpt" / "checkpoint-3" / "pytorch_model_fsdp_0").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
-    final = adapter(two)
+    final = adapter_weights(two)
     assert _checkpoint_keys(two / "ckpt" / "checkpoint-4") == {k: tuple(v.shape) for k, v in final.items()}
 
     one_curve, two_curve = _curve(tmp_path / "one"), _curve(two)
@@ -98,7 +99,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path, tiny_model_dir, proce
     assert json.loads((two / "train.json").read_text())["tokens_seen"] == single["tokens_seen"]
     # The saved adapter is the whole adapter (gathered from both shards), not rank 0's half: same names, same
     # shapes, same values as the single process's up to fp32 reduction order.
-    ref = adapter(tmp_path / "one")
+    ref = adapter_weights(tmp_path / "one")
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in ref.items()}
     moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)  # B starts at 0
     assert moved > 1e-4 and max_diff(ref, final) < 1e-3 * moved, (moved, max_diff(ref, final))
@@ -133,7 +134,7 @@ def test_fsdp_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, 
     assert "resuming from" in out, out[-4000:]
     _run(tmp_path / "whole", tiny_model_dir, processed, tracking_uri, **extra)
 
-    resumed, whole = adapter(killed), adapter(tmp_path / "whole")
+    resumed, whole = adapter_weights(killed), adapter_weights(tmp_path / "whole")
     # A resume that reset (or half-loaded) the sharded adapter would train on from the initial lora_B = 0 and end
     # elsewhere: compare every tensor, and the lora_B norms by name, not only the loss.
     norms_r, norms_w = _lora_b_norms(resumed), _lora_b_norms(whole)
@@ -178,7 +179,7 @@ def test_fsdp1_and_qlora_under_fsdp_refused_at_start(tmp_path, tiny_model_dir, p
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_FSDP),
                           "--num_processes", "1", "--fsdp_version", fsdp_version, "-m", "llmft", "train",
-                          *overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **extra)],
+                          *train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **extra)],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     # The CLI's clean error (exit 2, no worker traceback), before any model is loaded or step taken.
     assert re.search("llmft train: error: " + message, res.stderr), res.stdout[-2000:] + res.stderr[-3000:]
@@ -192,7 +193,7 @@ def test_fsdp_checkpoints_are_not_resumed_without_fsdp(tmp_path, tiny_model_dir,
     from llmft.config import load_config
     from llmft.train import _fingerprint
 
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri))
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     plain = _fingerprint(cfg)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -3,56 +3,37 @@ only the stages that read it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import dvc_project, sh
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sh(*cmd, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(cwd / "src"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{cmd}: {res.stdout[-2000:]}{res.stderr[-2000:]}"
-    return res.stdout
+pytestmark = pytest.mark.slow  # `dvc repro` of the whole pipeline: not in make test-fast
 
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    params = tmp_path / "params.yaml"
-    # The token-length stats need the embedded model; this test is about DVC, not tokenizers.
-    params.write_text(params.read_text().replace("  max_rows: null\n", "  max_rows: null\n  stats_tokenizer: false\n", 1))
-    sh("git", "init", "-q", cwd=tmp_path)
-    sh("dvc", "init", "-q", cwd=tmp_path)
-    sh("git", "add", "-A", cwd=tmp_path)
-    sh("git", "commit", "-qm", "init", cwd=tmp_path)
-    return tmp_path
+    """The real dvc.yaml and params.yaml in a git + DVC project (the default model: this test is about DVC)."""
+    return dvc_project(tmp_path)
 
 
 def test_repro_is_incremental(project):
-    out = sh("dvc", "repro", "prepare", cwd=project)
+    out = sh("dvc", "repro", "prepare", cwd=project).stdout
     assert "Running stage 'prepare'" in out and (project / "data/processed/train.jsonl").exists()
-    assert "didn't change, skipping" in sh("dvc", "repro", "prepare", cwd=project)
-    assert "up to date" in sh("dvc", "status", "prepare", cwd=project)
+    assert "didn't change, skipping" in sh("dvc", "repro", "prepare", cwd=project).stdout
+    assert "up to date" in sh("dvc", "status", "prepare", cwd=project).stdout
 
     params = project / "params.yaml"
     text = params.read_text()
     params.write_text(text.replace("learning_rate: 0.0003", "learning_rate: 0.0001"))
-    assert "up to date" in sh("dvc", "status", "prepare", cwd=project), "a train param must not dirty prepare"
+    assert "up to date" in sh("dvc", "status", "prepare", cwd=project).stdout, "a train param must not dirty prepare"
     params.write_text(text.replace("  seed: 42\n", "  seed: 7\n", 1))
-    status = sh("dvc", "status", "prepare", cwd=project)
+    status = sh("dvc", "status", "prepare", cwd=project).stdout
     assert "params.yaml" in status and "modified:           data" in status
     before = (project / "data/processed/train.jsonl").read_bytes()
-    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project)
+    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project).stdout
     assert (project / "data/processed/train.jsonl").read_bytes() != before
 
 
@@ -60,31 +41,22 @@ def test_moving_a_path_keeps_dvc_tracking_it(project):
     """dvc.yaml names outputs as ${paths.*}: a path changed in params.yaml is what DVC tracks."""
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("  data: data/processed\n", "  data: data/elsewhere\n", 1))
-    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project)
+    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare", cwd=project).stdout
     assert (project / "data/elsewhere/train.jsonl").exists() and not (project / "data/processed").exists()
     lock = (project / "dvc.lock").read_text()
     assert "path: data/elsewhere" in lock and "data/processed" not in lock
-    assert "up to date" in sh("dvc", "status", "prepare", cwd=project)
+    assert "up to date" in sh("dvc", "status", "prepare", cwd=project).stdout
 
 
 @pytest.fixture
-def tiny_project(project, tiny_model_dir) -> Path:
+def tiny_project(tmp_path, tiny_model_dir) -> Path:
     """The whole pipeline on the tiny model: quick stages, the real dvc.yaml."""
-    import yaml
-
-    params = project / "params.yaml"
-    p = yaml.safe_load(params.read_text())
-    p["model"]["base"] = str(tiny_model_dir)
-    p["data"]["template"] = "llama2_chat"
-    p["train"].update(max_steps=4, batch_size=4, max_length=96, eval_steps=2, save_steps=2, max_eval_rows=8,
-                      max_train_rows=32)
-    p["evaluate"] = {"benchmarks": ["test_loss", "rouge"], "test_rows": 8, "rouge_rows": 2,
-                     "generation": {"max_new_tokens": 4, "batch_size": 2}, "bootstrap_samples": 200}
-    params.write_text(yaml.safe_dump(p, sort_keys=False))
-    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
-    sh("git", "add", "-A", cwd=project)
-    sh("git", "commit", "-qm", "tiny", cwd=project)
-    return project
+    return dvc_project(tmp_path, {
+        "model": {"base": str(tiny_model_dir)}, "data": {"template": "llama2_chat"},
+        "train": dict(max_steps=4, batch_size=4, max_length=96, eval_steps=2, save_steps=2, max_eval_rows=8,
+                      max_train_rows=32),
+        "evaluate": {"benchmarks": ["test_loss", "rouge"], "test_rows": 8, "rouge_rows": 2,
+                     "generation": {"max_new_tokens": 4, "batch_size": 2}, "bootstrap_samples": 200}})
 
 
 def test_experiments_show_their_params_and_headline_metrics(tiny_project):
@@ -100,7 +72,7 @@ def test_experiments_show_their_params_and_headline_metrics(tiny_project):
     sh("git", "commit", "-qm", "baseline", cwd=p)  # metrics are committed, so the baseline has them too
     for r in (4, 8):
         sh("dvc", "exp", "run", "-S", f"train.lora.r={r}", "-n", f"rank{r}", cwd=p)
-    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=p))
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=p).stdout)
     rows = {}
     for commit in shown:
         if commit["rev"] == "workspace":  # `dvc exp run` leaves the last experiment applied to the workspace
@@ -120,9 +92,9 @@ def test_experiments_show_their_params_and_headline_metrics(tiny_project):
         assert len(json.dumps(metrics["metrics/eval.json"])) < 400, "headline numbers only"
     assert rows["rank4"]["metrics"]["metrics/train.json"]["data"]["eval_loss"] != \
         rows["rank8"]["metrics"]["metrics/train.json"]["data"]["eval_loss"]
-    diff = sh("dvc", "metrics", "diff", "HEAD", "rank8", "--json", cwd=p)
+    diff = sh("dvc", "metrics", "diff", "HEAD", "rank8", "--json", cwd=p).stdout
     assert "eval_loss" in diff
-    plots = sh("dvc", "plots", "diff", "HEAD", "rank8", "-o", str(p / "plots_diff"), cwd=p)
+    plots = sh("dvc", "plots", "diff", "HEAD", "rank8", "-o", str(p / "plots_diff"), cwd=p).stdout
     assert (p / "plots_diff" / "index.html").exists(), plots
     template = ROOT / ".dvc" / "plots" / "offline.html"  # made by `make setup` (tools/offline_plots.py)
     if template.exists():

@@ -10,88 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from llmft import io, metrics, registry, tracking
-from llmft.config import Config, load_config, rebased_paths
+from helpers import champion_version, make_adapter, register_with, registry_config, version_tags, write_eval
+from llmft import io, metrics, registry
+from llmft.config import load_config
 from llmft.errors import LlmftError
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """The default kind of store: a local SQLite file with artifacts in a folder (no server process)."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("store")
-    yield f"sqlite:///{root}/mlflow.db", str(root / "mlartifacts")
-    mlflow.set_tracking_uri(None)  # later modules must not inherit this store
-
-
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random non-zero B matrices (B=0 at init would make it a no-op)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_model_dir) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
     return [make_adapter(tiny_model_dir, root / f"adapter{i}", seed=i) for i in range(2)]
-
-
-def make_cfg(root: Path, store: tuple[str, str], base: Path, adapter: Path, name: str,
-             metric: str = "test_loss.tuned") -> Config:
-    uri, artifacts = store
-    cfg = load_config("/nonexistent.yaml", [
-        *rebased_paths(root), f"model.base={base}", f"paths.adapter={adapter}", f"tracking.uri={uri}",
-        *([f"tracking.artifact_location={artifacts}"] if artifacts else []), f"tracking.experiment=test-{name}",
-        "evaluate.generation.max_new_tokens=8", f"register.model_name={name}", f"register.metric={metric}"])
-    with tracking.start_run(cfg, new=True):
-        pass  # what `train` does: open the pipeline's run and write its id for later stages
-    return cfg
-
-
-def write_eval(cfg: Config, tuned) -> None:
-    ref = metrics.parse(cfg.register.metric)
-    row = {"base": 3.0, "tuned": tuned, "delta": None, "ci95": [0, 1], "n": 4,
-           "higher_is_better": bool(metrics.known_higher_is_better(ref))}
-    io.write_json(Path(cfg.paths.eval_dir) / "table.json",
-                        {ref.row: row, "mt_bench": {"status": "skipped", "reason": "no judge"}})
-
-
-def register_with(cfg: Config, tuned=None, adapter: Path | None = None) -> dict:
-    if tuned is not None:
-        write_eval(cfg, tuned)
-    if adapter is not None:
-        cfg.paths.adapter = str(adapter)
-    result = registry.register(cfg)
-    assert json.loads(Path(cfg.paths.register_metrics).read_text()) == json.loads(json.dumps(result))
-    return result
-
-
-def champion_version(name: str) -> str | None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
-    except MlflowException:
-        return None
-
-
-def version_tags(name: str, version: int) -> dict:
-    from mlflow import MlflowClient
-
-    return MlflowClient().get_model_version(name, str(version)).tags
 
 
 # ------------------------------------------------------------------------------------ unit, no server
@@ -143,7 +71,7 @@ def test_direction_comes_from_the_metric_and_contradictions_fail():
 
 
 def test_register_without_adapter_is_a_user_error(tmp_path, tiny_model_dir, store):
-    cfg = make_cfg(tmp_path, store, tiny_model_dir, tmp_path / "no_adapter", "no-adapter")
+    cfg = registry_config(tmp_path, store, tiny_model_dir, tmp_path / "no_adapter", "no-adapter")
     write_eval(cfg, 1.0)
     with pytest.raises(LlmftError, match="no PEFT adapter"):
         registry.register(cfg)
@@ -152,7 +80,7 @@ def test_register_without_adapter_is_a_user_error(tmp_path, tiny_model_dir, stor
 # ------------------------------------------------------------------------------ against the store
 def test_promotion_minimize(store, adapters, tiny_model_dir, tmp_path, capsys):
     name = "promo-min"
-    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapters[0], name)
+    cfg = registry_config(tmp_path, store, tiny_model_dir, adapters[0], name)
 
     r1 = register_with(cfg, 2.0)
     assert (r1["version"], r1["promoted"], r1["reason"]) == (1, True, "no_champion")
@@ -187,7 +115,7 @@ def test_promotion_maximize_and_missing_metrics(store, adapters, tiny_model_dir,
     from mlflow import MlflowClient
 
     name = "promo-max"
-    cfg = make_cfg(tmp_path, store, tiny_model_dir, adapters[0], name, metric="mt_bench_score.tuned")
+    cfg = registry_config(tmp_path, store, tiny_model_dir, adapters[0], name, metric="mt_bench_score.tuned")
     write_eval(cfg, 0.5)
     table = Path(cfg.paths.eval_dir) / "table.json"
     table.write_text(json.dumps({"mt_bench": {"status": "skipped", "reason": "no judge"}}))
@@ -220,7 +148,7 @@ def test_logged_base_weights_load_without_the_base_dir(store, adapters, tiny_mod
     from llmft import generate, models, templates
 
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
-    cfg = make_cfg(tmp_path, store, base, adapters[1], "self-contained")
+    cfg = registry_config(tmp_path, store, base, adapters[1], "self-contained")
     cfg.register.log_base_weights = True
     register_with(cfg, 1.0)
     expected_model, tok = models.load_with_tokenizer(models.config_for(str(base)), str(adapters[1]))

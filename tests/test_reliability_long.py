@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from test_reliability import judge  # noqa: F401 (the stand-in judge fixture, module-scoped)
-from test_reliability import (assert_no_half_written, snapshot, check_registry, comparable, dolly_with_enormous_rows, finish, log_has,
-                              make_project, race_registers, seed_champion, sh, start, store_states, undisturbed)
+from helpers import (assert_no_half_written, check_registry, comparable, dolly_with_enormous_rows, finish, log_has,
+                     make_adapter, model_server, prepare_sample, project_overrides, project_sh, race_registers,
+                     reliability_project, seed_champion, snapshot, start, store_states, undisturbed)
 
 pytestmark = pytest.mark.long
 SEED = 14
@@ -90,7 +90,7 @@ def check_clean(p: Path, expected: dict, uri: str, rounds_registered: bool) -> N
     the undisturbed run, one champion (v1) with every later version a tie against it."""
     from mlflow import MlflowClient
 
-    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=p).stdout
+    assert "Data and pipelines are up to date" in project_sh("dvc", "status", cwd=p).stdout
     assert_no_half_written(p)
     runs, models = store_states(uri)
     assert all(s in ("FINISHED", "FAILED", "KILLED") for _, s in runs), runs
@@ -119,12 +119,12 @@ def bad_params_under_dvc(p: Path) -> None:
     `dvc repro` re-exports the finished training (no step trained) to the same bytes, so nothing after it reruns."""
     params, adapter = (p / "params.yaml").read_bytes(), snapshot(p / "models/adapter")
     (p / "params.yaml").write_bytes(params.replace(b"  learning_rate: 0.0003\n", b"  learning_rate: -0.0003\n"))
-    res = sh("dvc", "repro", cwd=p, check=False)
+    res = project_sh("dvc", "repro", cwd=p, check=False)
     line = params[:params.index(b"  learning_rate:")].count(b"\n") + 1
     assert res.returncode != 0 and f"params.yaml:{line}: 'train.learning_rate' must be > 0" in res.stdout + res.stderr
     assert not (p / "models/adapter").exists() and not (p / "metrics/train.json").exists()
     (p / "params.yaml").write_bytes(params)
-    again = sh("dvc", "repro", cwd=p).stdout
+    again = project_sh("dvc", "repro", cwd=p).stdout
     assert "training nothing" in again and all(f"Stage '{s}' didn't change" in again for s in ("evaluate", "register")), again
     assert snapshot(p / "models/adapter") == adapter
 
@@ -135,7 +135,7 @@ def test_twenty_kills_at_random_points_then_repro(tmp_path, tiny_model_dir, benc
     base = undisturbed(tmp_path / "base", tiny_model_dir, bench_data, judge.base_url, source, monkeypatch)
     expected = comparable(base)
     monkeypatch.chdir(tmp_path)
-    p = make_project(tmp_path / "killed", tiny_model_dir, bench_data, judge.base_url, source)
+    p = reliability_project(tmp_path / "killed", tiny_model_dir, bench_data, judge.base_url, source)
     uri = f"sqlite:///{p / 'mlflow.db'}"
     finish(*start(["dvc", "repro"], p))
     check_clean(p, expected, uri, rounds_registered=False)
@@ -172,9 +172,7 @@ def test_twenty_kills_at_random_points_then_repro(tmp_path, tiny_model_dir, benc
 
 # -------------------------------------------------------------------------------------------------- tune
 def tune_args(root: Path, model: Path) -> list[str]:
-    from llmft.config import rebased_paths
-
-    return [*[x for x in rebased_paths(root) if not x.startswith("paths.data")], f"paths.data={root / 'data'}",
+    return [*[x for x in project_overrides(root) if not x.startswith("paths.data")], f"paths.data={root / 'data'}",
             f"model.base={model}", "data.template=llama2_chat", "train.max_steps=6", "train.batch_size=4",
             "train.max_length=96", "train.logging_steps=1", "train.eval_steps=2", "train.save_steps=2",
             "train.max_train_rows=32", "train.max_eval_rows=8", "train.warmup_ratio=0.0",
@@ -186,12 +184,8 @@ def tune_args(root: Path, model: Path) -> list[str]:
 
 
 def tune_project(root: Path) -> Path:
-    from llmft import data
-    from llmft.config import load_config
-
     root.mkdir(parents=True)
-    data.prepare(load_config("none.yaml", [f"paths.data={root / 'data'}", f"paths.data_metrics={root / 'data.json'}",
-                                           "data.stats_tokenizer=false", "data.template=llama2_chat"]))
+    prepare_sample(root / "data")
     return root
 
 
@@ -253,8 +247,6 @@ def test_tune_killed_at_random_points_then_rerun(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def many_races(tmp_path_factory, tiny_model_dir):
     """A champion, then 4 rounds of 2 racing registers with seeded random test losses."""
-    from test_registry import make_adapter
-
     rng = random.Random(SEED + 2)
     root = tmp_path_factory.mktemp("races")
     store = root / "store"
@@ -275,21 +267,13 @@ def test_many_racing_registers(many_races):
 
 def test_heavier_load_on_the_served_champion(many_races, tmp_path):
     """16 clients x 25 requests, a bad request every 5th: 0 failures, every bad one a 4xx, the server up."""
-    from test_serving import free_port, start_process, stop_process, wait_until_up
-
     uri = many_races[0]
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=uri,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/races@champion",
-                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-t", "300"], log, cwd=tmp_path, env=env)
-    url, h = f"http://127.0.0.1:{port}/invocations", {"Content-Type": "application/json"}
+    h = {"Content-Type": "application/json"}
     bad = [{"dataframe_records": [{"instruction": "x"}] * 65}, {"dataframe_records": [{"instruction": "x" * 16001}]},
            {"dataframe_records": [{"instruction": ""}]}, {"dataframe_records": [{"instruction": "x"}],
                                                           "params": {"temperature": -1.0}}]
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
+    with model_server("models:/races@champion", uri, tmp_path, "-t", "300") as (server, proc):
+        url = f"{server}/invocations"
 
         def client(i):
             out = []
@@ -313,10 +297,8 @@ def test_heavier_load_on_the_served_champion(many_races, tmp_path):
         served = [lat for kind, status, lat in results if kind == "good" and status == 200]
         bad_status = [status for kind, status, _ in results if kind == "bad"]
         assert len(served) == 400 and all(400 <= s < 500 for s in bad_status), Counter(s for _, s, _ in results)
-        assert requests.get(f"http://127.0.0.1:{port}/ping", timeout=10).ok and proc.poll() is None
+        assert requests.get(f"{server}/ping", timeout=10).ok and proc.poll() is None
         q = statistics.quantiles(served, n=100)
         print(f"\nreliability: load {len(served)} requests (16 clients x 25) in {wall:.1f}s, 0 failed; p50 "
               f"{statistics.median(served) * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms; {len(bad_status)} bad requests "
               f"all {sorted(set(bad_status))}")
-    finally:
-        stop_process(proc)

@@ -347,3 +347,20 @@ def test_a_full_run_fits_and_shows_the_study(tmp_path, store):
     assert listed(text) == [t["number"] for t in done[:5]]
     report.build(records | {"study_direction": "maximize"}, out)
     assert listed(flat(text_of(out))) == [t["number"] for t in done[::-1][:5]]
+
+
+def test_benchmarks_are_grouped_and_ordered_by_evaluates_table(monkeypatch):
+    """The report reads evaluate.benchmarks.BENCHMARKS: a benchmark added there is grouped and ordered, no other edit."""
+    from llmft import report_rules
+    from llmft.evaluate.benchmarks import BENCHMARKS, Benchmark
+
+    monkeypatch.setitem(BENCHMARKS, "toxicity", Benchmark("toxicity:run", judged=False, own_weights=False,
+                                                          rows={"toxicity_rate": False}))
+    assert report_rules.benchmark_of("toxicity_rate/open_qa") == "toxicity"
+    assert report_rules.benchmark_of("test_perplexity") == "test_loss"
+    assert report_rules.benchmark_of("mt_bench") == "mt_bench"  # a skipped benchmark's row
+    names = ["toxicity_rate", "zz_unknown", "lm_eval_arc_acc", "mt_bench", "test_perplexity", "rouge_l", "test_loss",
+             "reference_nll_mt_bench", "alpaca_eval_win_rate", "alpaca_eval_lc_win_rate", "lm_eval"]
+    assert sorted(names, key=report_rules._order) == [
+        "test_loss", "test_perplexity", "reference_nll_mt_bench", "rouge_l", "alpaca_eval_lc_win_rate",
+        "alpaca_eval_win_rate", "mt_bench", "lm_eval", "lm_eval_arc_acc", "toxicity_rate", "zz_unknown"]

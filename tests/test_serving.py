@@ -7,70 +7,22 @@ model from the local path recorded in the model.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
+import helpers
+from helpers import champion_version, free_port, make_adapter, model_server, register_with, registry_config, version_tags
 from llmft import generate, models, serving, templates
 from llmft.config import GenerationConfig
 from llmft.errors import LlmftError
-from test_registry import champion_version, make_adapter, make_cfg, register_with, version_tags
 
 SYSTEM = "Answer in one short sentence."
+pytestmark = pytest.mark.slow  # a real `mlflow server` and `mlflow models serve`: not in make test-fast
 ROWS = [{"instruction": "Name a primary colour."},
         {"instruction": "Summarise the text.", "context": "Paris is the capital of France."},
         {"instruction": "And the second one?", "history": json.dumps([["List two fruits.", "Apple, pear."]])}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_process(args: list[str], log: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """Its own process group, so stopping it also stops the workers it spawns (uvicorn)."""
-    with open(log, "wb") as f:
-        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the whole group, wait until every member is gone (the leader may exit before its workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, else it lingers as a zombie member of the group
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +30,10 @@ def tracking_server(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    port, log = free_port(), root / "server.log"
-    proc = start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                          "--artifacts-destination", (root / "artifacts").as_uri(), "--host", "127.0.0.1",
-                          "--port", str(port), "--workers", "1"], log, cwd=root,
-                         # No background job runners (GenAI scoring): 7 idle processes on a 2-core runner.
-                         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
+        with helpers.tracking_server(f"sqlite:///{root}/mlflow.db", root) as url:
+            yield url
     finally:
-        stop_process(proc)
         mlflow.set_tracking_uri(None)  # later modules must not inherit a dead server
 
 
@@ -97,7 +42,7 @@ def registered(tracking_server, tmp_path_factory, tiny_model_dir):
     """Three versions through the server: first (champion), worse (kept out), better (new champion)."""
     root = tmp_path_factory.mktemp("registered")
     adapters = [make_adapter(tiny_model_dir, root / f"adapter{i}", seed=10 + i) for i in range(2)]
-    cfg = make_cfg(root, (tracking_server, ""), tiny_model_dir, adapters[0], "served")
+    cfg = registry_config(root, tracking_server, tiny_model_dir, adapters[0], "served")
     cfg.data.template, cfg.data.system_prompt = "llama2_chat", SYSTEM
     cfg.register.max_request_rows, cfg.register.max_input_chars = 16, 2000
     results = [register_with(cfg, 2.0), register_with(cfg, 2.5, adapters[1]), register_with(cfg, 1.0)]
@@ -107,19 +52,9 @@ def registered(tracking_server, tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def endpoint(registered, tracking_server, tmp_path_factory):
     cfg = registered[0]
-    root = tmp_path_factory.mktemp("serve")
-    port, log = free_port(), root / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH.
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_server,
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = start_process([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{cfg.register.model_name}@champion",
-                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], log, cwd=root, env=env)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with model_server(f"models:/{cfg.register.model_name}@champion", tracking_server,
+                      tmp_path_factory.mktemp("serve")) as (url, _):
+        yield url
 
 
 def in_process(cfg, base: Path, adapter: Path, rows: list[dict], **gen) -> list[str]:

@@ -13,61 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from llmft import data, train
+from helpers import adapter_weights, max_diff, run_train, tiny_llama, train_overrides, varlen_reference
+from llmft import train
 from llmft.config import load_config
 from llmft.errors import LlmftError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory, llama2_tok_dir) -> Path:
-    """The embedded sample formatted with the Llama-2 chat template."""
-    out = tmp_path_factory.mktemp("data") / "processed"
-    cfg = load_config("none.yaml", [f"paths.data={out}", "data.stats_tokenizer=false", "data.template=llama2_chat"])
-    cwd = os.getcwd()
-    os.chdir(out.parent)
-    try:
-        data.prepare(cfg)
-    finally:
-        os.chdir(cwd)
-    return out
-
-
-def overrides(tmp: Path, model: Path, processed: Path, uri: str, **extra) -> list[str]:
-    ov = {"model.base": model, "paths.data": processed, "data.template": "llama2_chat",
-          "paths.adapter": tmp / "adapter", "paths.checkpoints": tmp / "ckpt", "paths.train_metrics": tmp / "train.json",
-          "paths.train_plots": tmp / "plots", "train.max_steps": 6, "train.batch_size": 4, "train.max_length": 128,
-          "train.logging_steps": 1, "train.eval_steps": 3, "train.save_steps": 3, "train.learning_rate": 1e-3,
-          "train.max_train_rows": 48, "train.max_eval_rows": 8, "train.warmup_ratio": 0.0,
-          "tracking.uri": uri, "paths.run_id": tmp / "run_id.txt", "tracking.artifact_location": tmp.parent / "art"}
-    ov.update(extra)
-    return [f"{k}={v}" for k, v in ov.items()]
-
-
-def run_train(tmp, model, processed, uri, **extra) -> dict:
-    train.train(load_config("none.yaml", overrides(tmp, model, processed, uri, **extra)))
-    return json.loads((tmp / "train.json").read_text())
-
-
-def adapter(tmp: Path) -> dict[str, torch.Tensor]:
-    return load_file(tmp / "adapter" / "adapter_model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_prompt_masked_eos_learned_in_labels_pad_distinct(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.max_length": 1024}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.max_length": 1024}))
     trainer, _ = train.build_trainer(cfg)
     tok = trainer.processing_class
     assert tok.pad_token_id != tok.eos_token_id
@@ -86,7 +43,8 @@ def test_prompt_masked_eos_learned_in_labels_pad_distinct(tmp_path, tiny_model_d
 
 
 def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.packing": True}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.packing": True}))
     trainer, _ = train.build_trainer(cfg)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch, "bfd packing: one row, positions restart"
@@ -101,6 +59,7 @@ def test_packing_is_padding_free_without_cross_contamination(tmp_path, tiny_mode
             assert torch.allclose(packed[a:b], alone, atol=1e-4), "a packed sample must not attend to its neighbours"
 
 
+@pytest.mark.slow
 def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_model_dir, llama2_tok_dir, processed,
                                                               tracking_uri):
     """train.compile_regions: the decoder layers are compiled one by one (the model itself is not), the layers share
@@ -111,8 +70,6 @@ def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_mo
     from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.utils import counters
 
-    from llmft import models
-
     # the fastest configuration's other switches on both sides: the compiled layer traces fused_lora's autograd function
     common = {"train.packing": True, "train.max_steps": 3, "train.eval_steps": 3,
               "train.save_steps": 3, "train.fused_lora": True, "train.lora.dropout": 0.0, "train.overlap_steps": True}
@@ -121,13 +78,13 @@ def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_mo
     def compiled(tmp, model):
         torch._dynamo.reset()
         counters.clear()
-        cfg = load_config("none.yaml", overrides(tmp, model, processed, tracking_uri, **common,
+        cfg = load_config("none.yaml", train_overrides(tmp, model, processed, tracking_uri, **common,
                                                  **{"train.torch_compile": True, "train.compile_regions": True}))
         trainer, _ = train.build_trainer(cfg)
         trainer.train()
         return trainer, counters["stats"]["unique_graphs"]
 
-    three_layers = models.tiny_llama(tmp_path / "three_layers", llama2_tok_dir, num_hidden_layers=3)
+    three_layers = tiny_llama(tmp_path / "three_layers", llama2_tok_dir, num_hidden_layers=3)
     _, graphs_three = compiled(tmp_path / "regions3", three_layers)
     trainer, graphs = compiled(tmp_path / "regions", tiny_model_dir)
     wrapped = trainer.model_wrapped
@@ -141,18 +98,17 @@ def test_compile_regions_compile_each_layer_and_keep_the_curve(tmp_path, tiny_mo
     assert max(abs(eager[s] - compiled_losses[s]) / eager[s] for s in eager) < 1e-4, (eager, compiled_losses)
 
 
+@pytest.mark.slow
 def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp_path, tiny_model_dir, processed,
                                                                              tracking_uri, monkeypatch):
     """train.attn_implementation=varlen: the packed batches keep TRL's document boundaries, they reach every layer's
     attention, and training and validation curves are those of sdpa on the same packed rows. torch's kernels need
-    CUDA: on this CPU the reference kernel of tests/test_varlen.py stands in for them."""
-    from test_varlen import reference
-
+    CUDA: on this CPU the reference kernel helpers.varlen_reference stands in for them."""
     from llmft.speed import varlen
 
-    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, True))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (varlen_reference, True))
     common = {"train.packing": True, "train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3}
-    cfg = load_config("none.yaml", overrides(tmp_path / "v", tiny_model_dir, processed, tracking_uri, **common,
+    cfg = load_config("none.yaml", train_overrides(tmp_path / "v", tiny_model_dir, processed, tracking_uri, **common,
                                              **{"train.attn_implementation": "varlen"}))
     trainer, _ = train.build_trainer(cfg)
     for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
@@ -165,6 +121,7 @@ def test_varlen_attention_gets_each_documents_boundaries_and_keeps_the_curve(tmp
     assert_same_curves(tmp_path / "sdpa", tmp_path / "varlen", min_rows=2)
 
 
+@pytest.mark.slow
 def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     from llmft import generate, models
     from llmft.config import GenerationConfig
@@ -190,14 +147,15 @@ def test_trained_model_stops_at_eos(tmp_path, tiny_model_dir, tracking_uri):
     assert len(out) == 20, "the random base model does not stop (so stopping above was learned)"
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, tracking_uri):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     ma = run_train(a, tiny_model_dir, processed, tracking_uri)
     run_train(b, tiny_model_dir, processed, tracking_uri)
     run_train(c, tiny_model_dir, processed, tracking_uri, **{"train.seed": 1})
     assert (a / "plots" / "train_loss.csv").read_text() == (b / "plots" / "train_loss.csv").read_text()
-    assert max_diff(adapter(a), adapter(b)) == 0.0
-    assert max_diff(adapter(a), adapter(c)) > 0.0
+    assert max_diff(adapter_weights(a), adapter_weights(b)) == 0.0
+    assert max_diff(adapter_weights(a), adapter_weights(c)) > 0.0
     assert (a / "plots" / "loss.png").stat().st_size > 1000 and ma["steps"] == 6 and ma["eval_loss"] > 0
     import mlflow
 
@@ -206,6 +164,7 @@ def test_same_seed_same_curve_and_outputs(tmp_path, tiny_model_dir, processed, t
     assert run.data.params["train.lora.r"] == "16" and "git.commit" in run.data.tags and "version.trl" in run.data.tags
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, processed, tracking_uri):
     # Completions differ in length, so averaging per-micro-batch means would give a different gradient.
     # SGD, as in the two-process test: Adam's 1/sqrt(v) grows fp32 reduction-order noise (which changes with the
@@ -214,7 +173,7 @@ def test_gradient_accumulation_matches_large_batch(tmp_path, tiny_model_dir, pro
     run_train(tmp_path / "big", tiny_model_dir, processed, tracking_uri, **common, **{"train.batch_size": 8})
     run_train(tmp_path / "acc", tiny_model_dir, processed, tracking_uri, **common,
               **{"train.batch_size": 4, "train.grad_accum": 2})
-    big, acc = adapter(tmp_path / "big"), adapter(tmp_path / "acc")
+    big, acc = adapter_weights(tmp_path / "big"), adapter_weights(tmp_path / "acc")
     moved = max(v.abs().max().item() for k, v in big.items() if "lora_B" in k)  # B starts at 0
     # averaging per-micro-batch means instead of token sums would be off by ~10% of the update
     assert moved > 1e-4 and max_diff(big, acc) < 1e-3 * moved, (moved, max_diff(big, acc))
@@ -224,7 +183,7 @@ def test_merge_matches_unmerged_logits(tmp_path, tiny_model_dir, processed, trac
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ov = overrides(tmp_path, tiny_model_dir, processed, tracking_uri)
+    ov = train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri)
     train.train(load_config("none.yaml", ov))
     train.merge(load_config("none.yaml", ov))
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432]])
@@ -243,10 +202,11 @@ def _cli(args: list[str], **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, processed, tracking_uri):
     extra = {"train.max_steps": 24, "train.save_steps": 4, "train.eval_steps": 100, "train.max_train_rows": 96}
     killed = tmp_path / "killed"
-    proc = _cli(overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
+    proc = _cli(train_overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
     deadline = time.time() + 300
     while not (killed / "ckpt" / "checkpoint-8" / "trainer_state.json").exists():
         assert proc.poll() is None, proc.stdout.read()
@@ -255,17 +215,18 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir, proce
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "adapter").exists(), "the run was killed before it finished"
-    done = _cli(overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
+    done = _cli(train_overrides(killed, tiny_model_dir, processed, tracking_uri, **extra))
     out, _ = done.communicate(timeout=300)
     assert done.returncode == 0 and "resuming from" in out, out
     run_train(tmp_path / "whole", tiny_model_dir, processed, tracking_uri, **extra)
-    assert max_diff(adapter(killed), adapter(tmp_path / "whole")) <= 1e-6
+    assert max_diff(adapter_weights(killed), adapter_weights(tmp_path / "whole")) <= 1e-6
     resumed = json.loads((killed / "train.json").read_text())
     assert resumed["resumed_from"] and resumed["steps"] == 24
     assert (killed / "run_id.txt").read_text() == (killed / "ckpt" / "mlflow_run_id.txt").read_text(), \
         "the resumed run continues the killed run's MLflow run"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, processed, tracking_uri):
     # SGD: Adam's m/sqrt(v) turns fp32 reduction-order noise on near-zero gradients into ~1% of a step on
     # some lora_B entries; SGD keeps the noise at fp32 level, so a real sync bug (a gradient not averaged, or
@@ -275,7 +236,8 @@ def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, proce
     single = run_train(tmp_path / "one", tiny_model_dir, processed, tracking_uri, **common, **{"train.grad_accum": 2})
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "llmft", "train", *overrides(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common)],
+                          "-m", "llmft", "train",
+                          *train_overrides(tmp_path / "two", tiny_model_dir, processed, tracking_uri, **common)],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "train.json").read_text())
@@ -286,13 +248,14 @@ def test_two_process_gloo_matches_single_process(tmp_path, tiny_model_dir, proce
     # logged twice the loss; with an evaluate() before train() the processes never synced gradients.)
     assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
     assert double["tokens_seen"] == single["tokens_seen"]
-    one_w, two_w = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    one_w, two_w = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     moved = max(v.abs().max().item() for k, v in one_w.items() if "lora_B" in k)  # B starts at 0
     assert moved > 1e-4 and max_diff(one_w, two_w) < 1e-3 * moved, (moved, max_diff(one_w, two_w))
 
 
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, tracking_uri):
-    cfg = load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{"train.qlora.enabled": True}))
+    cfg = load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri,
+                                                   **{"train.qlora.enabled": True}))
     with pytest.raises(LlmftError, match="qlora.enabled=true needs a CUDA GPU"):
         train.train(cfg)
 
@@ -300,21 +263,23 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir, processed, trac
 def test_unknown_scheduler_or_optimizer_fails_at_load(tmp_path, tiny_model_dir, processed, tracking_uri):
     for key, value, close in (("train.lr_scheduler", "cosyne", "cosine"), ("train.optim", "adamw_torchh", "adamw_torch")):
         with pytest.raises(LlmftError, match=f"'{key}' unknown .* '{value}' \\(did you mean '{close}'"):
-            load_config("none.yaml", overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{key: value}))
+            load_config("none.yaml", train_overrides(tmp_path, tiny_model_dir, processed, tracking_uri, **{key: value}))
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_train_changes_nothing(tmp_path, tiny_model_dir, processed, tracking_uri):
     """`llmft train` twice (or `dvc repro -f`) must give the same adapter, not train past max_steps."""
     first = run_train(tmp_path, tiny_model_dir, processed, tracking_uri)
-    weights = adapter(tmp_path)
+    weights = adapter_weights(tmp_path)
     curve = (tmp_path / "plots" / "train_loss.csv").read_text()
     shutil.rmtree(tmp_path / "adapter")  # as `dvc repro -f` does before it runs the stage
     second = run_train(tmp_path, tiny_model_dir, processed, tracking_uri)
     assert second["steps"] == first["steps"] == 6 and second["train_loss"] == first["train_loss"]
-    assert max_diff(adapter(tmp_path), weights) == 0.0
+    assert max_diff(adapter_weights(tmp_path), weights) == 0.0
     assert (tmp_path / "plots" / "train_loss.csv").read_text() == curve
 
 
+@pytest.mark.slow
 def test_curve_starts_at_the_untrained_adapter(tmp_path, tiny_model_dir, processed, tracking_uri):
     import mlflow
 
@@ -328,6 +293,7 @@ def test_curve_starts_at_the_untrained_adapter(tmp_path, tiny_model_dir, process
     assert min(h.step for h in hist) == 0
 
 
+@pytest.mark.slow
 def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
     """train.fp8 on the CPU (FP8 GEMMs emulated): every frozen projection converted, the adapter learns, and the
     curve stays within a few % of the same run without it, though not equal to it."""
@@ -338,7 +304,7 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     assert f"train: train.fp8: {7 * layers} frozen projections multiply in FP8" in capsys.readouterr().out
     assert low["eval_loss"] < low["initial_eval_loss"]
     assert abs(low["eval_loss"] - full["eval_loss"]) / full["eval_loss"] < 0.03
-    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "fp8")) > 0.0
+    assert max_diff(adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "fp8")) > 0.0
     # fused_lora over FP8 projections multiplies the same FP8 base (its own branch): only the sums' rounding differs
     fused = run_train(tmp_path / "fp8_fused", tiny_model_dir, processed, tracking_uri,
                       **{"train.fp8": True, "train.fused_lora": True, "train.lora.dropout": 0.0})
@@ -349,6 +315,7 @@ def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed,
     assert fused["eval_loss"] != full["eval_loss"] and lean["eval_loss"] != full["eval_loss"]
 
 
+@pytest.mark.slow
 def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
     """The two speed switches that do not change the math: the same curve, adapter and token count as without them
     (fp32 on the CPU: only rounding apart), and the count saved in the checkpoints stays right though it is read
@@ -362,8 +329,8 @@ def test_fused_lora_and_overlap_steps_keep_the_curve(tmp_path, tiny_model_dir, p
     layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     assert f"train: train.fused_lora: {7 * layers} of {7 * layers} LoRA layers fused" in capsys.readouterr().out
     assert_same_curves(tmp_path / "plain", tmp_path / "fast", min_rows=3)
-    moved = max(v.abs().max().item() for k, v in adapter(tmp_path / "plain").items() if "lora_B" in k)
-    assert 1e-4 < moved and max_diff(adapter(tmp_path / "plain"), adapter(tmp_path / "fast")) < 1e-3 * moved
+    moved = max(v.abs().max().item() for k, v in adapter_weights(tmp_path / "plain").items() if "lora_B" in k)
+    assert 1e-4 < moved and max_diff(adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "fast")) < 1e-3 * moved
     assert fast["tokens_seen"] == plain["tokens_seen"] > 0 and fast["steady_tokens_per_s"] > 0
     for ckpt in ("checkpoint-6", "checkpoint-7"):  # save_steps=3: the last two are kept
         states = [json.loads((t / "ckpt" / ckpt / "trainer_state.json").read_text())

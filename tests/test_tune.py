@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmft import data
+from helpers import free_port, prepare_sample, tracking_server
 from llmft.config import load_config, rebased_paths
 from llmft.errors import LlmftError
 
@@ -24,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def project(tmp_path_factory, tiny_model_dir) -> Path:
     """A project folder with prepared data (the embedded sample, Llama-2 chat template)."""
     root = tmp_path_factory.mktemp("tune_project")
-    cfg = load_config("none.yaml", [f"paths.data={root / 'data'}", f"paths.data_metrics={root / 'data.json'}",
-                                    "data.stats_tokenizer=false", "data.template=llama2_chat"])
-    data.prepare(cfg)
+    prepare_sample(root / "data")
     return root
 
 
@@ -62,6 +59,7 @@ def load(cfg):
     return optuna.load_study(study_name=cfg.tune.study, storage=cfg.tune.storage)
 
 
+@pytest.mark.slow
 def test_study_prunes_records_failures_and_promotes_the_best(project, tiny_model_dir, capsys):
     """4 trials: a learning rate so small that the median pruner stops it, the best trial registered and
     promoted through registry.promote with the study's tags; every trial an MLflow run under the study's."""
@@ -114,6 +112,7 @@ def test_study_prunes_records_failures_and_promotes_the_best(project, tiny_model
     assert "trial 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_study_goes_on(project, tiny_model_dir):
     """A trial whose loss is NaN (an absurd learning rate) is FAILED with its reason; the others complete."""
     import optuna
@@ -168,6 +167,7 @@ def wait_for_checkpoint(proc, ckpt: Path) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     """kill -9 in the middle of trial 1; the rerun retries it from its last checkpoint in the same MLflow
     run, and the study ends with exactly n_trials complete or pruned trials, none RUNNING anywhere."""
@@ -195,6 +195,7 @@ def test_killed_study_resumes_with_the_right_count(project, tiny_model_dir):
     assert len(runs) == 3  # trial 1 and its retry share one run
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
     """SIGINT (Ctrl-C) mid-trial: the trial is FAIL with its reason in Optuna and in its MLflow run, the study's
     run is KILLED, and the process exits non-zero."""
@@ -215,12 +216,6 @@ def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_postgres(cmd: list[str], **kw):
     """PostgreSQL refuses to run as root: run its tools as the postgres user when we are root."""
     if os.geteuid() == 0:
@@ -238,7 +233,7 @@ def postgres(tmp_path_factory):
     # not under pytest's tmp dir: that is private to root (0700), and the server runs as postgres
     base = Path(tempfile.mkdtemp(prefix="llmft-pg-"))
     os.chmod(base, 0o755)
-    pgdata, port = base / "data", _free_port()
+    pgdata, port = base / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
     res = _as_postgres(["initdb", "-D", str(pgdata), "-U", "llmft", "--auth=trust", "-E", "UTF8"])
@@ -259,20 +254,11 @@ def postgres(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory):
     """`mlflow server` with the PostgreSQL backend store: what workers on several machines would share."""
-    from test_serving import start_process, stop_process, wait_until_up
-
-    root = tmp_path_factory.mktemp("mlflow_pg")
-    port, log = _free_port(), root / "server.log"
-    proc = start_process([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
-                          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                          "--workers", "1"], log, cwd=root)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
+    with tracking_server(f"{postgres}/mlflow", tmp_path_factory.mktemp("mlflow_pg")) as url:
+        yield url
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_postgres(project, tiny_model_dir, postgres, mlflow_server):
     """Two `llmft tune` processes, one PostgreSQL storage, one MLflow server: every trial runs once, in
     one worker, with one MLflow run, and the study stops at n_trials."""

@@ -10,35 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import packed, varlen_reference
 from llmft.speed import varlen
 from llmft.errors import LlmftError
-
-
-def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False):
-    """[T, H, D] in and out; every document attends causally to itself only."""
-    assert torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
-    out = torch.empty_like(q)
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        q1, k1, v1 = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        out[a:b] = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale,
-                                                  enable_gqa=enable_gqa).transpose(0, 1)
-    return out
-
-
-def packed(lengths, heads, kv_heads, dim=8):
-    """transformers' layout for one packed row: query [1, H, T, D], key/value [1, Hkv, T, D]; the boundaries."""
-    g = torch.Generator().manual_seed(0)
-    t = sum(lengths)
-    q, k, v = (torch.randn(1, h, t, dim, generator=g) for h in (heads, kv_heads, kv_heads))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return q, k, v, cu
 
 
 @pytest.mark.parametrize("takes_gqa", [True, False], ids=["kernel-groups-heads", "heads-repeated"])
 def test_each_document_attends_to_itself_whatever_the_head_grouping(monkeypatch, takes_gqa):
     lengths = [5, 1, 9, 3]
     q, k, v, cu = packed(lengths, heads=6, kv_heads=2)
-    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, takes_gqa))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (varlen_reference, takes_gqa))
     out, weights = varlen.attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max(lengths))
     assert out.shape == (1, sum(lengths), 6, 8) and weights is None  # [1, T, H, D], as transformers' own return
     # each document alone, query head h reading key/value head h // 3 (transformers' repeat_kv), scale passed on
@@ -53,7 +34,7 @@ def test_each_document_attends_to_itself_whatever_the_head_grouping(monkeypatch,
 
 def test_without_the_boundaries_or_a_gpu_it_says_what_to_set(monkeypatch):
     q, k, v, cu = packed([4, 4], heads=2, kv_heads=2)
-    monkeypatch.setitem(varlen.KERNELS, "varlen", (reference, True))
+    monkeypatch.setitem(varlen.KERNELS, "varlen", (varlen_reference, True))
     with pytest.raises(LlmftError, match="set train.packing=true"):
         varlen.attention(None, q, k, v, None)
     monkeypatch.delitem(varlen.KERNELS, "varlen")
@@ -72,7 +53,7 @@ def test_each_registered_name_runs_its_own_kernel_in_one_process(monkeypatch):
     def kernel(tag):
         def run(q, k, v, *args, **kw):
             calls.append(tag)
-            return reference(q, k, v, *args, **kw)
+            return varlen_reference(q, k, v, *args, **kw)
         return run
 
     monkeypatch.setattr(varlen, "KERNELS", {})

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal, Optional
 import yaml
 
 from .errors import LlmftError
+from .templates import TEMPLATES
 
 
 
@@ -121,9 +122,9 @@ class DataConfig:
     """Split to read when `source` is a hub dataset id."""
     columns: dict[str, str] = field(default_factory=dict)
     """Rename source columns to Dolly's schema, e.g. `{output: response, input: context}`."""
-    template: Literal["alpaca", "llama2_chat", "model_chat"] = "alpaca"
-    """Prompt template: `alpaca` (### Instruction / ### Context / ### Response), `llama2_chat`
-    (<s>[INST] <<SYS>> ... [/INST]) or `model_chat` (the tokenizer's own chat template)."""
+    template: str = "alpaca"
+    """Prompt template, a name in templates.TEMPLATES: `alpaca` (### Instruction / ### Context / ### Response),
+    `llama2_chat` (<s>[INST] <<SYS>> ... [/INST]) or `model_chat` (the tokenizer's own chat template)."""
     system_prompt: str = ""
     """System prompt for the chat templates (empty: none). Ignored by `alpaca`."""
     splits: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -137,6 +138,7 @@ class DataConfig:
     """Compute token-length percentiles with the base model's tokenizer (cheap; needs the model)."""
 
     def _checks(self) -> Check:
+        yield ("template", *one_of(self.template, tuple(TEMPLATES), "template"))
         s = self.splits
         yield "splits", (len(s) == 3 and abs(sum(s) - 1) < 1e-6 and all(0 <= x <= 1 for x in s)
                          and s[0] > 0 and s[1] > 0), \
@@ -525,7 +527,7 @@ class EvaluateConfig:
         ep = self.candidate_endpoint
         yield "candidate_endpoint", ep is None or ep.startswith(("http://", "https://")), "must be an http(s) URL or null"
         for side in ("base", "tuned"):
-            for bench in ("alpaca_eval", "mt_bench"):
+            for bench in (f.name for f in dataclasses.fields(SavedOutputs)):
                 yield (f"outputs.{side}.{bench}", getattr(getattr(self.outputs, side), bench) is None
                        or bench in self.benchmarks, f"is set but {bench} is not in evaluate.benchmarks")
 

@@ -21,7 +21,7 @@ from .config import MIN_ROWS, Config, DataConfig
 from .errors import LlmftError
 from .io import atomic_dir, write_json
 from . import models
-from .templates import format_example
+from .templates import TEMPLATES, format_example
 
 COLUMNS = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
@@ -237,7 +237,7 @@ def prepare(cfg: Config) -> None:
     splits = split(rows, dc.splits, dc.seed, dc.max_rows)
 
     tok = None
-    if dc.template == "model_chat" or dc.stats_tokenizer:
+    if TEMPLATES[dc.template].needs_tokenizer or dc.stats_tokenizer:
         tok = models.tokenizer(cfg)
     stats = {"provenance": provenance, "template": dc.template, "rows_in": len(raw), "dropped": dropped, "splits": {}}
     with atomic_dir(Path(paths.data)) as tmp:

@@ -21,7 +21,6 @@ from .io import atomic_dir
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-LLAMA2_VOCAB = "ggml-vocab-llama-spm.gguf"
 
 
 def embedded_gguf() -> Path:
@@ -212,53 +211,3 @@ def tokenizer(cfg: Config, adapter: str | Path | None = None):
         tok.pad_token = spare[0] if spare else tok.eos_token
     tok.padding_side = "right"
     return tok
-
-
-def llama2_tokenizer(vocab_gguf: str | Path, out_dir: str | Path) -> Path:
-    """A Llama-2 tokenizer folder from llama.cpp's vocab-only GGUF, with its leading-space bug fixed.
-
-    transformers' GGUF conversion drops the SentencePiece dummy prefix (' Hello' -> [15043] instead of
-    [29871, 15043]); Llama-2's real normalizer prepends '▁' and maps spaces to '▁'.
-    """
-    from tokenizers import normalizers
-    from transformers import AutoTokenizer
-
-    out = Path(out_dir)
-    if (out / "tokenizer.json").exists():
-        return out
-    vocab_gguf = Path(vocab_gguf)
-    tok = AutoTokenizer.from_pretrained(vocab_gguf.parent, gguf_file=vocab_gguf.name)
-    backend = tok.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.pre_tokenizer = None
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp)
-    return out
-
-
-def find_llama2_vocab() -> Path:
-    """The vocab GGUF that `make setup` extracts from the llama-cpp-python sdist."""
-    cands = [os.environ.get("LLMFT_LLAMA2_VOCAB", ""),
-             Path.home() / ".cache" / "llmft" / LLAMA2_VOCAB]
-    for c in cands:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise LlmftError(f"{LLAMA2_VOCAB} not found (looked at {[str(c) for c in cands if c]}); run `make setup`")
-
-
-def tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """A tiny random LlamaForCausalLM with a real tokenizer, saved as a normal model folder (tests, benchmarks)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None, tie_word_embeddings=False)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from xml.sax.saxutils import escape
 
-from .evaluate.benchmarks import BENCHMARKS
+from .evaluate.benchmarks import BENCHMARKS, producer
 from .evaluate.report import MIN_N_VERDICT, fmt, is_result, verdict
 from .models import EMBEDDED, EMBEDDED_NAME
 
@@ -87,17 +87,19 @@ def short_reason(row: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- queries
-# metric name prefix -> the benchmark that writes it, in evaluate's order (table.json's keys are sorted)
-PREFIXES = (("test_loss", "test_loss"), ("test_perplexity", "test_loss"), ("reference_nll", "reference_nll"),
-            ("rouge", "rouge"), ("alpaca_eval", "alpaca_eval"), ("mt_bench", "mt_bench"), ("lm_eval", "lm_eval"))
+def benchmark_of(name: str) -> str:
+    """The benchmark that writes metric row `name` (evaluate.benchmarks' table); a skipped or failed benchmark's
+    row carries the benchmark's own name."""
+    top = name.split("/", 1)[0]
+    found = None if top in BENCHMARKS else producer(top)
+    return found[0] if found else top
 
 
 def _order(name: str) -> tuple[int, str]:
-    return next((i for i, (prefix, _) in enumerate(PREFIXES) if name.startswith(prefix)), len(PREFIXES)), name
-
-
-def benchmark_of(name: str) -> str:
-    return next((b for prefix, b in PREFIXES if name.startswith(prefix)), name.split("/")[0])
+    """Evaluate's benchmark order (BENCHMARKS'), then the name (table.json's keys are sorted)."""
+    order = list(BENCHMARKS)
+    bench = benchmark_of(name)
+    return (order.index(bench) if bench in BENCHMARKS else len(order)), name
 
 
 def results(r: dict) -> list[tuple[str, dict]]:

@@ -10,16 +10,17 @@ not answer, or a wrong turn count is an error naming the file and the record (JS
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Config
+from ..config import Config, SavedOutputs
 from ..errors import LlmftError
 from . import sources
 
 SIDES = ("base", "tuned")
-BENCHMARKS = ("alpaca_eval", "mt_bench")
+BENCHMARKS = tuple(f.name for f in dataclasses.fields(SavedOutputs))  # the benchmarks whose answers can come from files
 
 
 def configured(cfg: Config) -> dict[tuple[str, str], Path]:
