@@ -1,4 +1,4 @@
-"""Reliability (issue 14), the part every push runs: kill -9 inside each pipeline stage then `dvc repro`, two
+"""Reliability, the part every push runs: kill -9 inside each pipeline stage then `dvc repro`, two
 registers promoting at once, two `dvc repro` at once, load and bad requests on the served champion, bad input
 through the CLI, a dummy API key that must appear nowhere, and the trust switches (pickles, remote code, hosts).
 

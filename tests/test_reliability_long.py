@@ -1,4 +1,4 @@
-"""Reliability (issue 14), the long part (`make test-long`, about half an hour on 2 cores): kill -9 at seeded
+"""Reliability, the long part (`make test-long`, about half an hour on 2 cores): kill -9 at seeded
 random points across prepare, train, evaluate (generation and judging), register and tune, each followed by
 `dvc repro` (or `llmft tune`) that completes; after every rerun no output is half-written, no MLflow run is left
 RUNNING, and the metrics equal those of an undisturbed run. Then more racing registers and a heavier load on the
