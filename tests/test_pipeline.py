@@ -3,11 +3,12 @@ only the stages that read it."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import dvc_project, sh
+from helpers import child_env, dvc_project, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # `dvc repro` of the whole pipeline: not in make test-fast
@@ -68,6 +69,20 @@ def test_experiments_show_their_params_and_headline_metrics(tiny_project):
     p = tiny_project
     sh("dvc", "repro", cwd=p)
     assert (p / "reports/report.pdf").read_bytes()[:5] == b"%PDF-"
+    # what `make test` does after `make pipeline`: every module imported, bytecode written beside it
+    env = child_env(p)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    sh(sys.executable, "-c", "import pkgutil, importlib, llmft\nfor m in pkgutil.walk_packages(llmft.__path__, 'llmft.'):"
+       "\n    importlib.import_module(m.name)", cwd=p, env=env)
+    assert list((p / "src/llmft/speed").glob("__pycache__/*.pyc")), "the imports wrote bytecode"
+    assert "up to date" in sh("dvc", "status", cwd=p).stdout, "__pycache__ must not dirty a stage"
+    overlap = p / "src/llmft/speed/overlap.py"  # code train runs only through a speed switch
+    text = overlap.read_text()
+    overlap.write_text(text + "# edited\n")
+    status = sh("dvc", "status", "train", cwd=p).stdout
+    assert "train:" in status and "modified:           src/llmft" in status, status
+    overlap.write_text(text)
+    assert "up to date" in sh("dvc", "status", cwd=p).stdout
     sh("git", "add", "-A", cwd=p)
     sh("git", "commit", "-qm", "baseline", cwd=p)  # metrics are committed, so the baseline has them too
     for r in (4, 8):

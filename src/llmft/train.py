@@ -209,13 +209,14 @@ def build_trainer(cfg: Config):
          + (", 4-bit" if tc.qlora.enabled else "") + (", random weights" if cfg.model.random_init else "") + ")")
     model = models.load(cfg, dtype=precision, device=None, attn_implementation=tc.attn_implementation,
                         qlora=tc.qlora if tc.qlora.enabled else None)
+    args = _training_args(cfg, precision, switches)
     trainer_cls = SFTTrainer
     for s in switches:
         trainer_cls = s.trainer_class(trainer_cls)
     _say(f"preparing {len(train_ds):,} training and {len(eval_ds):,} validation rows"
          + (f"; speed switches: {', '.join(s.name for s in switches)}" if switches else ""))
     with _quiet_datasets():  # TRL tokenises, adds EOS, truncates and packs each split: a bar apiece, the line above says it
-        trainer = trainer_cls(model=model, args=_training_args(cfg, precision, switches), train_dataset=train_ds,
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds,
                               eval_dataset=eval_ds, processing_class=models.tokenizer(cfg), peft_config=_lora(tc))
     if not str(tc.attn_implementation).startswith(("flash", "varlen")):
         trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
@@ -292,7 +293,7 @@ def _training_args(cfg: Config, precision: str, switches):
     extra = {}
     for s in switches:
         extra.update(s.trainer_args(cfg))
-    return SFTConfig(
+    args = dict(
         output_dir=cfg.paths.checkpoints,
         num_train_epochs=tc.epochs, max_steps=tc.max_steps,
         per_device_train_batch_size=tc.batch_size, per_device_eval_batch_size=tc.batch_size,
@@ -315,8 +316,8 @@ def _training_args(cfg: Config, precision: str, switches):
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False if distributed else None,
-        **extra,
     )
+    return SFTConfig(**{**args, **extra})  # a switch's keywords win over the defaults above
 
 
 class _NoVarlenKeys:
