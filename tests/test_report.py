@@ -354,7 +354,7 @@ def test_benchmarks_are_grouped_and_ordered_by_evaluates_table(monkeypatch):
     from llmft import report_rules
     from llmft.evaluate.benchmarks import BENCHMARKS, Benchmark
 
-    monkeypatch.setitem(BENCHMARKS, "toxicity", Benchmark("toxicity:run", judged=False, own_weights=False,
+    monkeypatch.setitem(BENCHMARKS, "toxicity", Benchmark("toxicity:run", judged=False,
                                                           rows={"toxicity_rate": False}))
     assert report_rules.benchmark_of("toxicity_rate/open_qa") == "toxicity"
     assert report_rules.benchmark_of("test_perplexity") == "test_loss"

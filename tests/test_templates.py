@@ -28,9 +28,11 @@ def test_alpaca_context_section_only_when_context_given():
 
 def test_alpaca_prompt_is_a_token_prefix_with_the_llama2_tokenizer(llama2_tok_dir):
     """TRL masks the prompt by the token prefix; the alpaca prompt must end on a token boundary."""
+    from transformers import AutoTokenizer
+
     from llmft import models
 
-    tok = models.tokenizer(models.config_for(llama2_tok_dir))
+    tok = models.with_pad(AutoTokenizer.from_pretrained(str(llama2_tok_dir)))  # a tokenizer folder, no model
     for ctx in ("", "A context paragraph."):
         ex = format_example("alpaca", "Name a colour.", ctx, "Blue is a colour.")
         p = tok(ex["prompt"]).input_ids
@@ -68,9 +70,11 @@ def chat_tok_dir(tmp_path_factory, llama2_tok_dir):
 
 
 def test_model_chat_renders_the_tokenizers_own_template(chat_tok_dir):
+    from transformers import AutoTokenizer
+
     from llmft import models
 
-    tok = models.tokenizer(models.config_for(chat_tok_dir))
+    tok = models.with_pad(AutoTokenizer.from_pretrained(str(chat_tok_dir)))  # a tokenizer folder, no model
     text = render_prompt("model_chat", [("Q1", "A1"), ("Q2", None)], "Ctx.", "Be brief.", tok)
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1\n\nCtx.<|im_end|>\n"
                     "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n"), \
@@ -80,10 +84,12 @@ def test_model_chat_renders_the_tokenizers_own_template(chat_tok_dir):
 
 
 def test_model_chat_without_a_chat_template_is_a_clear_error(llama2_tok_dir):
+    from transformers import AutoTokenizer
+
     from llmft import models
 
     with pytest.raises(LlmftError, match="tokenizer has no chat template; use alpaca or llama2_chat"):
-        render_prompt("model_chat", [("hi", None)], tokenizer=models.tokenizer(models.config_for(llama2_tok_dir)))
+        render_prompt("model_chat", [("hi", None)], tokenizer=models.with_pad(AutoTokenizer.from_pretrained(str(llama2_tok_dir))))
     with pytest.raises(LlmftError, match="no chat template"):
         render_prompt("model_chat", [("hi", None)])
 

@@ -205,6 +205,11 @@ def tokenizer(cfg: Config, adapter: str | Path | None = None):
     else:
         tok = AutoTokenizer.from_pretrained(resolve_base(cfg), revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
+    return with_pad(tok)
+
+
+def with_pad(tok):
+    """`tok` with a pad token distinct from EOS where the vocabulary has one to spare, padding on the right."""
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         vocab = tok.get_vocab()
         spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t and t != tok.eos_token and t in vocab]
