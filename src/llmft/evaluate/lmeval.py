@@ -1,9 +1,9 @@
 """lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ARC-Challenge, TruthfulQA, or local task YAMLs).
 
 lm-eval's `hf` model wraps the weights the candidates loaded (models.load: model.revision and the trust rules apply
-as everywhere): the tuned side with its adapter on, the base side with it off, one copy of the weights. Tasks run one at a time so a task that cannot
-load (a hub dataset offline) becomes an error row instead of failing the others. Per-document scores
-from `log_samples` pair the two sides for the bootstrap.
+as everywhere): the tuned side with its adapter on, the base side with it off, one copy of the weights. Tasks run
+one at a time so a task that cannot load (a hub dataset offline) becomes an error row instead of failing the others.
+Per-document scores from `log_samples` pair the two sides for the bootstrap.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def _hflm(c: cands.Candidates, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     quiet = logging.getLogger("lm_eval.models.huggingface")
-    level, quiet.level = quiet.level, logging.ERROR  # its warning that other model arguments are ignored: none are given
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning that other model arguments are ignored: none are given
     try:
         return HFLM(pretrained=c.model, tokenizer=c.tok, batch_size=batch_size)
     finally:
