@@ -196,7 +196,7 @@ def _alpaca_rows(n, model_longer):
 def test_alpaca_eval_annotator_prefers_what_the_judge_prefers(server, tmp_path):
     # the stand-in prefers the longer output; alpaca_eval shows the two in a seeded random order and maps
     # the m/M logprobs back to a preference in [1, 2] (2: outputs_2 wins)
-    ann = alpacaeval.annotator("weighted_alpaca_eval_gpt4_turbo", _judge(server, tmp_path), seed=0)
+    ann = alpacaeval.annotator("weighted_alpaca_eval_gpt4_turbo", _judge(server, tmp_path))
     ref, out = _alpaca_rows(10, lambda i: i % 2 == 0)
     prefs, annotated = alpacaeval._preferences(ann, ref, out)
     assert len(prefs) == 10 and server.requests == 10
@@ -211,7 +211,7 @@ def test_alpaca_eval_annotator_prefers_what_the_judge_prefers(server, tmp_path):
 
 def test_alpaca_eval_parse_failures_are_absent_not_faked(server, tmp_path):
     server.malformed = True  # the judge answers "Both": no m/M logprob to parse
-    ann = alpacaeval.annotator("weighted_alpaca_eval_gpt4_turbo", _judge(server, tmp_path), seed=0)
+    ann = alpacaeval.annotator("weighted_alpaca_eval_gpt4_turbo", _judge(server, tmp_path))
     ref, out = _alpaca_rows(4, lambda i: True)
     prefs, annotated = alpacaeval._preferences(ann, ref, out)
     assert prefs == {} and len(annotated) == 4

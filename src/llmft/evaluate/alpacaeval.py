@@ -4,6 +4,10 @@ The annotation is alpaca_eval's own PairwiseAnnotator with its annotator config 
 order randomisation, logprob parser, preference encoding) and its win-rate metric. Only the completion
 function is ours: it sends the same chat messages through judges.py, so the judge is our configured one
 (any OpenAI-compatible server) with our retries, concurrency and cache, instead of the package's client.
+
+The annotator is built as `alpaca_eval evaluate` builds it, with the package's default seed (not
+evaluate.seed): the seed decides, per instruction, which of the two outputs the judge sees first, and a real
+judge has a position bias, so each pair is shown in the order alpaca_eval itself shows it.
 """
 from __future__ import annotations
 
@@ -54,15 +58,19 @@ def _fn_completions(judge: judges.Judge, repeat: int):
     return fn_completions
 
 
-def annotator(config: str, judge: judges.Judge, seed: int, repeat: int = 0):
+def annotator(config: str, judge: judges.Judge, repeat: int = 0):
+    """alpaca_eval's PairwiseAnnotator for `config`, answering through `judge`.
+
+    No seed is passed, as alpaca_eval.main.evaluate passes none: the annotator keeps alpaca_eval's default
+    (0), which seeds the swap of output_1 (the reference) and output_2 on each instruction's text, so the
+    judge sees every pair in the order `alpaca_eval evaluate` shows it."""
     level = logging.getLogger().level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # alpaca_eval imports the deprecated pkg_resources
         from alpaca_eval.annotators import PairwiseAnnotator
     logging.getLogger().setLevel(level)  # importing alpaca_eval sets the root logger to INFO
 
-    # seed 0 is alpaca_eval's default; it fixes which output is shown first, per instruction
-    ann = PairwiseAnnotator(annotators_config=config, caching_path=None, seed=seed)
+    ann = PairwiseAnnotator(annotators_config=config, caching_path=None)  # our judge client caches
     for single in ann.annotators.values():
         single.fn_completions = _fn_completions(judge, repeat)
     return ann
@@ -150,7 +158,7 @@ def run(c: cands.Candidates, judge: judges.Judge) -> dict:
     # each repeat is a full annotation (alpaca_eval's seeded output order is the same, the judge is asked again)
     runs = []
     for repeat in range(judge.cfg.repeats):
-        ann = annotator(e.alpaca_eval_annotator, judge, e.seed, repeat)
+        ann = annotator(e.alpaca_eval_annotator, judge, repeat)
         prefs, annotated = {}, {}
         for side in cands.SIDES:
             prefs[side], annotated[side] = _preferences(ann, reference, outputs[side])
