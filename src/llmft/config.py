@@ -490,15 +490,24 @@ class EvaluateConfig:
     Unavailable: skipped."""
     mt_bench_rows: Optional[int] = 8
     """Questions evaluated (taken round-robin over the 8 categories); null uses all 80."""
-    lm_eval_tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "bbh", "arc_challenge", "truthfulqa_mc2"])
-    """lm-eval task names (each runs separately; one that cannot load, e.g. a hub dataset offline, becomes an
-    error row)."""
+    lm_eval_tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "bbh_fewshot", "arc_challenge",
+                                                               "truthfulqa_mc1", "truthfulqa_mc2"])
+    """lm-eval task or group names, each run separately (one that cannot load, e.g. a hub dataset offline, becomes
+    a skipped or error row). bbh_fewshot is BBH's answer-only 3-shot variant; `bbh` is lm-eval's chain-of-thought
+    one (up to 1,024 generated tokens per question)."""
     lm_eval_num_fewshot: Optional[int | dict[str, int]] = None
     """Few-shot examples: one number for all tasks, a {task: n} mapping, or null for each task's default."""
     lm_eval_limit: Optional[int] = None
-    """Examples per task (null: all)."""
+    """Documents per subtask, the first ones (lm-eval's --limit; null: all)."""
+    lm_eval_data: Optional[str] = None
+    """A local copy of the official tasks' datasets (a directory laid out as described in
+    llmft/evaluate/lmeval_data.py, e.g. mmlu/<subject>/test.jsonl): lm-eval's own task definitions run with only
+    the data source replaced. Null: the hub datasets, as lm-eval loads them."""
     lm_eval_include_path: Optional[str] = None
     """Extra directory of task YAMLs (local tasks)."""
+    lm_eval_batch_size: Optional[int | str] = None
+    """lm-eval's batch size: a number, "auto" (lm-eval finds the largest that fits, once per task), or null for
+    evaluate.generation.batch_size."""
     bootstrap_samples: int = 1000
     """Paired bootstrap resamples for the 95% CIs."""
     seed: int = 42
@@ -521,6 +530,12 @@ class EvaluateConfig:
         yield "bootstrap_samples", self.bootstrap_samples >= 100, "must be >= 100"
         yield "lm_eval_tasks", "lm_eval" not in self.benchmarks or bool(self.lm_eval_tasks), \
             "must name at least one task when lm_eval is in evaluate.benchmarks"
+        bs = self.lm_eval_batch_size
+        yield "lm_eval_batch_size", bs is None or (isinstance(bs, int) and bs >= 1) or bs == "auto", \
+            "must be >= 1, \"auto\" or null"
+        data = self.lm_eval_data
+        yield "lm_eval_data", data is None or "lm_eval" not in self.benchmarks or Path(data).is_dir(), \
+            f"{data} is not a directory"
         shots = self.lm_eval_num_fewshot
         yield "lm_eval_num_fewshot", shots is None or (min(shots.values(), default=0) if isinstance(shots, dict)
                                                        else shots) >= 0, "must be >= 0"

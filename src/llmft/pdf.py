@@ -49,6 +49,7 @@ STYLES = {
     "abstract_head": _style("abstract_head", 9.5, font="Serif-Bold", alignment=TA_CENTER, spaceBefore=10, spaceAfter=2),
     "abstract": _style("abstract", 9, 11.2, alignment=TA_JUSTIFY, leftIndent=1.2 * cm, rightIndent=1.2 * cm),
     "h1": _style("h1", 11.5, 14, "Serif-Bold", spaceBefore=10, spaceAfter=3, keepWithNext=1),
+    "h2": _style("h2", 10, 12.5, "Serif-Bold", spaceBefore=6, spaceAfter=2, keepWithNext=1),
     "body": _style("body", 9.5, 11.8, alignment=TA_JUSTIFY, spaceAfter=4),
     "caption": _style("caption", 8.5, 10.2, alignment=TA_JUSTIFY),
     "meta": _style("meta", 8.5, 11, alignment=TA_LEFT, leftIndent=0.4 * cm, spaceAfter=5),

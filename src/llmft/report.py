@@ -21,8 +21,9 @@ from .config import Config, to_dict
 from .errors import LlmftError
 from .data import SPLITS
 from .evaluate.report import VERDICTS, verdict
-from .report_rules import (MIN_N_VERDICT, abstract, categories, count, discussion, model_name, not_run, num, redact,
-                           benchmark_of, results, short_reason, signed, source_name, span)
+from .report_rules import (MIN_N_VERDICT, abstract, at_chance, categories, core, count, discussion, extended,
+                           model_name, not_run, num, redact, benchmark_of, results, short_reason, signed, source_name,
+                           span)
 
 
 def report(cfg: Config) -> Path:
@@ -332,14 +333,15 @@ def _results(doc: _Doc) -> list:
     w = pdf.TEXT_WIDTH
     colour = {"better": plots.VERDICT_COLORS["better"], "worse": plots.VERDICT_COLORS["worse"]}
     rows = []
-    for name, row in results(r):
+    for name, row in core(r):
         v = verdict(row)
         text = pdf.esc(VERDICTS[v])
         rows.append([pdf.esc(name), "↑" if row["higher_is_better"] else "↓", num(row["base"]), num(row["tuned"]),
                      signed(row["delta"]), span(row.get("ci95")), count(row["n"]),
                      f'<font color="{colour[v]}">{text}</font>' if v in colour else text])
-    out = [pdf.p(f"Table {doc.tables + 1} compares base and tuned model on every metric (Δ = tuned − base; ↑: higher "
-                 "is better). " + _registry(r["register"]))]
+    more = " except lm-eval's (Section 5.1)" if extended(r) else ""
+    out = [pdf.p(f"Table {doc.tables + 1} compares base and tuned model on every metric{more} (Δ = tuned − base; ↑: "
+                 "higher is better). " + _registry(r["register"]))]
     out.append(doc.table("Base vs tuned with the paired-bootstrap 95% CI of the difference.",
                          ["metric", "", "base", "tuned", "Δ", "95% CI of Δ", "n", "verdict"], rows,
                          [w * 0.26, w * 0.03, w * 0.09, w * 0.09, w * 0.1, w * 0.17, w * 0.05, w * 0.21],
@@ -353,13 +355,52 @@ def _results(doc: _Doc) -> list:
                               + (f", {num(loss['validation'][-1][1])} (validation)." if loss["validation"] else ".")))
     panels = {m: [{"label": c, "delta": row["delta"], "lo": (row.get("ci95") or [None, None])[0],
                    "hi": (row.get("ci95") or [None, None])[1], "verdict": verdict(row)} for c, row in cats]
-              for m, cats in categories(r).items() if len(cats) >= 2}
+              for m, cats in categories(r).items() if len(cats) >= 2 and benchmark_of(m) != "lm_eval"}
     if panels:
         png = plots.category_deltas(panels, doc.tmp / "categories.png")
         out.append(doc.figure(png, 6.7, "Tuned − base per category with 95% CIs (green: tuned better, red: worse, "
                               f"grey: the CI contains 0, hollow: n &lt; {MIN_N_VERDICT})."))
+    if extended(r):
+        out += _extended(doc)
     if r.get("study"):
         out += _study(doc)
+    return out
+
+
+def _extended(doc: _Doc) -> list:
+    """lm-eval's tasks, each on its own test set: scores, chance level, the paired CI, and how many subtasks moved."""
+    r, w = doc.r, pdf.TEXT_WIDTH
+    cats = categories(r)
+    colour = {"better": plots.VERDICT_COLORS["better"], "worse": plots.VERDICT_COLORS["worse"]}
+    rows = []
+    for name, row in extended(r):
+        v, subs = verdict(row), cats.get(name, [])
+        moved = (f"{sum(verdict(x) == 'worse' for _, x in subs)} / {sum(verdict(x) == 'better' for _, x in subs)} "
+                 f"of {len(subs)}" if subs else "–")
+        chance = num(row.get("chance")) + ("*" if at_chance(row) else "") if row.get("chance") is not None else "–"
+        text = pdf.esc(VERDICTS[v])
+        rows.append([pdf.esc(name.removeprefix("lm_eval_")), count(row.get("fewshot")) if row.get("fewshot")
+                     is not None else "default", count(row["n"]), chance, num(row["base"]), num(row["tuned"]),
+                     signed(row["delta"]), span(row.get("ci95")), moved,
+                     f'<font color="{colour[v]}">{text}</font>' if v in colour else text])
+    data = sorted({str(row.get("data", "hub")) for _, row in extended(r)})
+    out = [pdf.p("5.1&nbsp;&nbsp;&nbsp;Extended evaluation", "h2"),
+           pdf.p(f"Table {doc.tables + 1} runs lm-eval's own task definitions (prompts, few-shot examples, filters and "
+                 f"metrics; data: {pdf.esc(', '.join(data))}) on base and tuned model. Base and tuned are lm-eval's own "
+                 "numbers (a group such as MMLU aggregated as lm-eval aggregates it); the CI of Δ is a paired bootstrap "
+                 "over documents, stratified by subtask. Chance is a uniform guess over the choices (TruthfulQA MC2: "
+                 "the true answers' share), or the most common answer's share for generated answers; * marks a score "
+                 "whose CI contains it. Each row's exact lm-eval command is in table.json.")]
+    out.append(doc.table("lm-eval tasks, base vs tuned (subtasks: significantly worse / better of all).",
+                         ["task / metric", "shots", "n", "chance", "base", "tuned", "Δ", "95% CI of Δ", "subtasks",
+                          "verdict"], rows,
+                         [w * 0.22, w * 0.06, w * 0.06, w * 0.07, w * 0.07, w * 0.07, w * 0.08, w * 0.14, w * 0.09,
+                          w * 0.14], right={1, 2, 3, 4, 5, 6, 7}))
+    panel = [{"label": n.removeprefix("lm_eval_"), "delta": row["delta"], "lo": row["ci95"][0], "hi": row["ci95"][1],
+              "verdict": verdict(row)} for n, row in extended(r)]
+    png = plots.category_deltas({"lm-eval tasks": panel}, doc.tmp / "extended.png", cols=1)
+    out.append(doc.figure(png, 5.2, "Tuned − base on each lm-eval task with its 95% CI (green: tuned better, red: "
+                          "worse, grey: the CI contains 0)."))
     return out
 
 

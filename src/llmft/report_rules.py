@@ -108,6 +108,25 @@ def results(r: dict) -> list[tuple[str, dict]]:
     return sorted(rows, key=lambda x: _order(x[0]))
 
 
+def core(r: dict) -> list[tuple[str, dict]]:
+    """Result rows of every benchmark but lm-eval's, which the report shows in its own table and paragraph."""
+    return [(n, row) for n, row in results(r) if benchmark_of(n) != "lm_eval"]
+
+
+def extended(r: dict) -> list[tuple[str, dict]]:
+    """lm-eval's top-level rows (one per task and metric)."""
+    return [(n, row) for n, row in results(r) if benchmark_of(n) == "lm_eval"]
+
+
+def at_chance(row: dict) -> list[str]:
+    """The sides whose 95% CI contains the task's chance level (a uniform guess, or the most common answer)."""
+    c = row.get("chance")
+    if c is None:
+        return []
+    return [side for side in ("base", "tuned") if (row.get(f"ci95_{side}") or [1, 0])[0] <= c
+            <= (row.get(f"ci95_{side}") or [1, 0])[1]]
+
+
 def not_run(r: dict) -> list[tuple[str, dict]]:
     """Skipped and failed benchmarks, in evaluate's benchmark order."""
     return sorted(((n, row) for n, row in r["eval"].items() if not is_result(row)), key=lambda x: _order(x[0]))
@@ -186,11 +205,13 @@ def discussion(r: dict) -> list[tuple[str, list[str]]]:
 
 
 def _by_verdict(r: dict, key: str, word: str) -> list[str]:
-    rows = [(n, row) for n, row in results(r) if verdict(row) == key]
+    rows = [(n, row) for n, row in core(r) if verdict(row) == key]
     out = [f"The tuned model is {word} on " + "; ".join(_row_text(n, row) for n, row in rows)
            + ": the 95% CI of Δ excludes 0." if rows else
            f"No metric is significantly {word}: no 95% CI of Δ excludes 0 in that direction."]
     for metric, cats in categories(r).items():
+        if benchmark_of(metric) == "lm_eval":
+            continue
         hits = [c for c, row in cats if verdict(row) == key]
         if hits:
             out.append(f"By category, <i>{_e(metric)}</i> is {word} in {len(hits)} of {len(cats)}: {_e(', '.join(hits))}.")
@@ -206,7 +227,7 @@ def _worse(r: dict) -> list[str]:
 
 
 def _inconclusive(r: dict) -> list[str]:
-    by = {k: [(n, row) for n, row in results(r) if verdict(row) == k] for k in ("ns", "few", "none")}
+    by = {k: [(n, row) for n, row in core(r) if verdict(row) == k] for k in ("ns", "few", "none")}
     out = []
     if len(by["ns"]) > DETAIL_MAX:  # the results table has their numbers; a long list of them reads as a dump
         out.append(f"The 95% CI of Δ contains 0, so there is no significant difference, on {len(by['ns'])} metrics: "
@@ -219,9 +240,50 @@ def _inconclusive(r: dict) -> list[str]:
                    + "; ".join(f"<i>{_e(n)}</i> at n = {count(row['n'])}" for n, row in by["few"]) + ".")
     if by["none"]:
         out.append("No estimate (not a finite number): " + ", ".join(f"<i>{_e(n)}</i>" for n, _ in by["none"]) + ".")
-    few = sum(verdict(row) == "few" for cats in categories(r).values() for _, row in cats)
+    few = sum(verdict(row) == "few" for m, cats in categories(r).items() for _, row in cats
+              if benchmark_of(m) != "lm_eval")
     if few:
         out.append(f"{few} per-category rows have fewer than {MIN_N_VERDICT} examples and get no verdict.")
+    return out
+
+
+def _reasoning(r: dict) -> list[str]:
+    """lm-eval's tasks: which degraded significantly and which did not, where a score sits at chance, and how
+    many subtasks moved."""
+    rows = extended(r)
+    if not rows:
+        return []
+    by = {k: [(n, row) for n, row in rows if verdict(row) == k] for k in ("worse", "better", "ns", "few", "none")}
+    docs = ", ".join(f"{_e(n)} (n = {count(row['n'])})" for n, row in rows)
+    out = [f"lm-eval's own task definitions ran on {docs}."]
+    if by["worse"]:
+        out.append("The tuned model is significantly worse on " + "; ".join(_row_text(n, row) for n, row in by["worse"])
+                   + ": the 95% CI of Δ lies below 0.")
+    else:
+        out.append("No task degraded significantly: no 95% CI of Δ lies entirely on the worse side of 0.")
+    if by["ns"]:
+        out.append("No significant change on " + "; ".join(f"<i>{_e(n)}</i> (Δ {signed(row['delta'])}, "
+                                                          f"{span(row['ci95'])})" for n, row in by["ns"]) + ".")
+    if by["better"]:
+        out.append("Significantly better on " + "; ".join(_row_text(n, row) for n, row in by["better"]) + ".")
+    if by["few"] + by["none"]:
+        out.append("No verdict (too few documents or no estimate): "
+                   + ", ".join(f"<i>{_e(n)}</i>" for n, _ in by["few"] + by["none"]) + ".")
+    chance = [(n, row, sides) for n, row in rows if (sides := at_chance(row))]
+    for n, row, sides in chance:
+        who = "both models" if len(sides) == 2 else f"the {sides[0]} model"
+        out.append(f"On <i>{_e(n)}</i> {who} score at chance level ({num(row['chance'])}: its 95% CI contains it): "
+                   "the model does not solve this task, so its Δ says little about lost reasoning or knowledge.")
+    for metric, cats in categories(r).items():
+        if benchmark_of(metric) != "lm_eval" or len(cats) < 2:
+            continue
+        moved = {k: [c for c, row in cats if verdict(row) == k] for k in ("worse", "better")}
+        if moved["worse"] or moved["better"]:
+            names = ", ".join(moved["worse"][:DETAIL_MAX * 2]) + (" …" if len(moved["worse"]) > DETAIL_MAX * 2 else "")
+            out.append(f"By subtask, <i>{_e(metric)}</i> is significantly worse in {len(moved['worse'])} of {len(cats)}"
+                       + (f" ({_e(names)})" if moved["worse"] else "")
+                       + f" and better in {len(moved['better'])}; with {len(cats)} intervals, about "
+                       f"{len(cats) / 20:.1g} would exclude 0 by chance alone.")
     return out
 
 
@@ -292,4 +354,5 @@ def _limits(r: dict) -> list[str]:
 
 
 RULES = (("What improved", _improved), ("What got worse", _worse), ("Inconclusive", _inconclusive),
-         ("Training dynamics", _dynamics), ("What this run cannot show", _limits))
+         ("Reasoning and factual consistency", _reasoning), ("Training dynamics", _dynamics),
+         ("What this run cannot show", _limits))

@@ -1,26 +1,37 @@
-"""lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ARC-Challenge, TruthfulQA, or local task YAMLs).
+"""lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ARC-Challenge, TruthfulQA, or local task YAMLs), base vs tuned.
 
 lm-eval's `hf` model wraps the weights the candidates loaded (models.load: model.revision and the trust rules apply
 as everywhere): the tuned side with its adapter on, the base side with it off, one copy of the weights. Tasks run
-one at a time so a task that cannot load (a hub dataset offline) becomes an error row instead of failing the others.
-Per-document scores from `log_samples` pair the two sides for the bootstrap.
+one at a time so a task that cannot load (a hub dataset offline) becomes a skipped or error row instead of failing
+the others. With evaluate.lm_eval_data the official tasks read local copies of their datasets (lmeval_data.py).
+
+Each metric of a task gets one row whose base and tuned are lm-eval's own numbers (a group such as mmlu aggregated
+as lm-eval aggregates it), and `<row>/<subtask>` rows for each subgroup and subtask. The 95% CI of the delta is a
+paired bootstrap over documents from `log_samples`, stratified by subtask and aggregated with the group's own
+weights, so the interval is of the number lm-eval reports. `cli` in each row is lm-eval's own command for the base
+side's numbers.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..errors import LlmftError
 from . import candidates as cands
 from . import stats
+
+OFFLINE = ("OfflineModeIsEnabled", "ConnectionError", "LocalEntryNotFound")
 
 
 def _fewshot(setting, task: str) -> Optional[int]:
     return setting.get(task) if isinstance(setting, dict) else setting
 
 
-def _hflm(c: cands.Candidates, batch_size: int):
+def _hflm(c: cands.Candidates, batch_size: int | str):
     """lm-eval's `hf` model around the loaded weights (it takes a model instance as `pretrained`)."""
     import logging
 
@@ -35,18 +46,32 @@ def _hflm(c: cands.Candidates, batch_size: int):
         quiet.setLevel(level)
 
 
-def _per_doc(samples: dict) -> dict[tuple, dict[str, float]]:
-    """{(subtask, filter, doc_id): {metric: value}} from simple_evaluate's samples."""
-    out = {}
-    for task, rows in samples.items():
-        for s in rows:
-            out[(task, s.get("filter", "none"), s["doc_id"])] = {m: s[m] for m in s.get("metrics", []) if m in s}
-    return out
+def tasks_dir(cfg) -> Path:
+    """Where the override YAMLs for evaluate.lm_eval_data are written (lm-eval's --include_path)."""
+    return Path(cfg.paths.eval_dir) / "lm_eval_tasks"
 
 
-def _name(task: str, metric: str, filt: str) -> str:
-    name = f"lm_eval_{task}_{metric}" + ("" if filt == "none" else f"_{filt}")
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+def _include_paths(cfg) -> list[str]:
+    from . import lmeval_data
+
+    e = cfg.evaluate
+    paths = [e.lm_eval_include_path] if e.lm_eval_include_path else []
+    if e.lm_eval_data:
+        paths.append(str(lmeval_data.write_tasks(e.lm_eval_tasks, e.lm_eval_data, tasks_dir(cfg),
+                                                 e.lm_eval_include_path)))
+    return paths
+
+
+def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | str, include: list[str]) -> str:
+    """lm-eval's own command that computes the base side's numbers of `task` as run here."""
+    e = cfg.evaluate
+    parts = ["lm_eval run --model hf", f"--model_args pretrained={model},dtype={dtype}", f"--tasks {task}",
+             f"--device {device}", f"--batch_size {batch_size}", f"--seed {e.seed}"]
+    shots = _fewshot(e.lm_eval_num_fewshot, task)
+    parts += [f"--num_fewshot {shots}"] if shots is not None else []
+    parts += [f"--limit {e.lm_eval_limit}"] if e.lm_eval_limit else []
+    parts += [f"--include_path {p}" for p in include]
+    return " ".join(parts)
 
 
 def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
@@ -68,45 +93,169 @@ def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
 
 
 def run(c: cands.Candidates, judge=None) -> dict:
-    from lm_eval.tasks import TaskManager
+    from . import lmeval_data
 
-    e = c.cfg.evaluate
+    cfg, e = c.cfg, c.cfg.evaluate
     if c.adapter is None:
         return {"lm_eval": stats.skipped("needs the tuned weights: no adapter in paths.adapter")}
-    tm = TaskManager(include_path=e.lm_eval_include_path) if e.lm_eval_include_path else TaskManager()
+    include = _include_paths(cfg)
+    tm = lmeval_data.task_manager(include)
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
-    lm = _hflm(c, e.generation.batch_size)
-    for side in ("base", "tuned"):
+    batch = e.lm_eval_batch_size or e.generation.batch_size
+    lm = _hflm(c, batch)
+    for side in cands.SIDES:
         with cands.as_side(c, side):
             _run_tasks(e, tm, lm, side, results, errors)
+    weight = next(c.model.parameters())
+    dtype, device = str(weight.dtype).removeprefix("torch."), str(weight.device)
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
             why = f"lm-eval could not run task {task}: {errors[task]}"
             # a hub dataset that cannot be fetched offline is unavailable data, as for AlpacaEval and MT-Bench
-            if any(s in errors[task] for s in ("OfflineModeIsEnabled", "ConnectionError", "LocalEntryNotFound")):
-                out[f"lm_eval_{task}"] = stats.skipped(f"{why}; offline, use a local task YAML "
-                                                       "(evaluate.lm_eval_include_path)")
+            if any(s in errors[task] for s in OFFLINE):
+                out[f"lm_eval_{task}"] = stats.skipped(f"{why}; offline, point evaluate.lm_eval_data at local copies "
+                                                       "of the task's data (or evaluate.lm_eval_include_path at a "
+                                                       "local task YAML)")
             else:
                 out[f"lm_eval_{task}"] = stats.error(why)
             continue
-        rb, rt = results[task]["base"], results[task]["tuned"]
-        docs_b, docs_t = _per_doc(rb["samples"]), _per_doc(rt["samples"])
-        hib = rb.get("higher_is_better", {}).get(task, {})
-        for key, value in rb["results"][task].items():
-            metric, _, filt = key.partition(",")
-            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            shared = [d for d in docs_b if d[1] == filt and metric in docs_b[d] and metric in docs_t.get(d, {})]
-            if not shared:
-                continue
-            base = np.array([float(docs_b[d][metric]) for d in shared])
-            tuned = np.array([float(docs_t[d][metric]) for d in shared])
-            row = stats.row(base, tuned, bool(hib.get(metric, True)), e.bootstrap_samples, e.seed,
-                            fewshot=_fewshot(e.lm_eval_num_fewshot, task))
-            # lm-eval's own aggregate (a group such as mmlu may weight its subtasks differently)
-            row.update(base=float(value), tuned=float(rt["results"][task][key]),
-                       delta=float(rt["results"][task][key]) - float(value))
-            out[_name(task, metric, filt)] = row
+        extra = {"fewshot": _fewshot(e.lm_eval_num_fewshot, task), "data": e.lm_eval_data or "hub",
+                 "cli": cli(cfg, task, c.base_path, dtype, device, batch, include)}
+        out.update(task_rows(task, results[task]["base"], results[task]["tuned"], tm, e.bootstrap_samples, e.seed,
+                             **extra))
     return out
+
+
+# ------------------------------------------------------------------------------------------ rows
+def _name(task: str, metric: str, filt: str) -> str:
+    name = f"lm_eval_{task}_{metric}" + ("" if filt == "none" else f"_{filt}")
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def _docs(samples: list[dict], metric: str, filt: str) -> dict[int, float]:
+    return {int(s["doc_id"]): float(s[metric]) for s in samples if s.get("filter", "none") == filt and metric in s}
+
+
+def chance(samples: list[dict], output_type: str, metric: str) -> Optional[float]:
+    """What a model without knowledge scores on one task: a uniform guess for multiple choice (1/choices; for
+    TruthfulQA's MC2 the share of true answers, the probability mass a uniform model puts on them), the most common
+    answer's share for generated answers (exact match). None where neither applies."""
+    if not samples:
+        return None
+    if output_type == "multiple_choice":
+        if "mc2_targets" in samples[0].get("doc", {}):
+            return float(np.mean([np.mean(s["doc"]["mc2_targets"]["labels"]) for s in samples]))
+        if metric in ("acc", "acc_norm", "acc_mutual_info"):
+            return float(np.mean([1 / len(s["arguments"]) for s in samples]))
+        return None
+    if output_type == "generate_until" and metric == "exact_match":
+        targets = Counter(str(s["target"]).strip() for s in samples)
+        return targets.most_common(1)[0][1] / len(samples)
+    return None
+
+
+class _Node:
+    """One task or group of one metric: its bootstrap replicates of both sides, its size and its chance level."""
+
+    def __init__(self, b, t, size, chance_level):
+        self.b, self.t, self.size, self.chance = b, t, size, chance_level
+
+
+def task_rows(task: str, rb: dict, rt: dict, tm, samples: int, seed: int, **extra) -> dict:
+    """The rows of one task (or group) from lm-eval's results for base (rb) and tuned (rt)."""
+    tree = rb.get("group_subtasks", {})
+    hib = {n: h for per in rb.get("higher_is_better", {}).values() for n, h in per.items()}
+    out = {}
+    for key, value in rb["results"][task].items():
+        metric, _, filt = key.partition(",")
+        if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        nodes: dict[str, _Node] = {}
+        rng = np.random.default_rng(seed)
+
+        def node(name: str) -> Optional[_Node]:
+            if name in nodes:
+                return nodes[name]
+            if name in rb.get("samples", {}):  # a leaf: resample its documents, the same ones for both sides
+                db, dt = _docs(rb["samples"][name], metric, filt), _docs(rt["samples"][name], metric, filt)
+                ids = sorted(set(db) & set(dt))
+                if not ids:
+                    return None
+                b, t = np.array([db[i] for i in ids]), np.array([dt[i] for i in ids])
+                idx = rng.integers(0, len(ids), size=(samples, len(ids)))
+                kept = [s for s in rb["samples"][name] if s.get("filter", "none") == filt]
+                n = _Node(b[idx].mean(axis=1), t[idx].mean(axis=1), len(ids),
+                          chance(kept, rb["configs"][name].get("output_type", ""), metric))
+                n.point = (b.mean(), t.mean())
+            else:  # a group: its children's replicates combined with lm-eval's weights
+                kids = [k for k in (node(child) for child in tree.get(name, [])) if k is not None]
+                if not kids:
+                    return None
+                w = np.array([k.size if _by_size(tm, name, metric) else 1.0 for k in kids], dtype=float)
+
+                def mix(values):
+                    return sum(wi * v for wi, v in zip(w, values)) / w.sum()
+
+                levels = [k.chance for k in kids]
+                n = _Node(mix([k.b for k in kids]), mix([k.t for k in kids]), sum(k.size for k in kids),
+                          None if None in levels else float(mix(levels)))
+                n.point = (mix([k.point[0] for k in kids]), mix([k.point[1] for k in kids]))
+            nodes[name] = n
+            return n
+
+        top = node(task)
+        if top is None:
+            continue
+        if abs(top.point[0] - value) > 1e-6:  # the bootstrap must be of the number lm-eval reports
+            raise LlmftError(f"lm-eval task {task}: {key} recomputed from its documents is {top.point[0]:.6f}, "
+                             f"lm-eval reports {value:.6f}; the group's aggregation is not understood")
+        row_name = _name(task, metric, filt)
+        higher = bool(hib.get(metric, True))
+        out[row_name] = _row(top, float(value), float(rt["results"][task][key]), higher, **extra)
+        for sub in _below(task, tree):
+            n = nodes.get(sub)
+            if n is not None and key in rb["results"].get(sub, {}):
+                out[f"{row_name}/{alias_of(task, sub, rb['results'][sub])}"] = _row(
+                    n, float(rb["results"][sub][key]), float(rt["results"][sub][key]), higher)
+    return out
+
+
+def _row(n: _Node, base: float, tuned: float, higher: bool, **extra) -> dict:
+    def ci(v):
+        lo, hi = np.percentile(v, [2.5, 97.5])
+        return [float(lo), float(hi)]
+
+    row = {"base": base, "tuned": tuned, "delta": tuned - base, "ci95": ci(n.t - n.b), "ci95_base": ci(n.b),
+           "ci95_tuned": ci(n.t), "n": int(n.size), "higher_is_better": higher}
+    if n.chance is not None:
+        row["chance"] = n.chance
+    return {**row, **extra}
+
+
+def _by_size(tm, group: str, metric: str) -> bool:
+    """Whether lm-eval weights this group's children by their number of documents (its aggregate_metric_list)."""
+    entry = tm.task_index.get(group)
+    for spec in ((entry.cfg or {}).get("aggregate_metric_list") or []) if entry else []:
+        if spec.get("metric") == metric:
+            return bool(spec.get("weight_by_size", True))
+    return True
+
+
+def _below(task: str, tree: dict) -> list[str]:
+    out = []
+    for child in tree.get(task, []):
+        out += [child, *_below(child, tree)]
+    return out
+
+
+def alias_of(task: str, sub: str, result: dict) -> str:
+    """A subtask's name in its row (`lm_eval_mmlu_acc/anatomy`): lm-eval's alias, without the task's prefix."""
+    alias = str(result.get("alias", sub)).strip().lstrip("- ").strip()
+    return alias[len(task) + 1:] if alias.startswith(task + "_") else alias
+
+
+def metric_key(task: str, row: str, result: dict) -> Optional[str]:
+    """The `metric,filter` key of lm-eval's results that top-level row `row` of `task` holds."""
+    return next((k for k in result if "," in k and _name(task, *k.split(",", 1)) == row), None)
