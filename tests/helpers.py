@@ -199,8 +199,9 @@ def tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **
     return out
 
 
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random non-zero B matrices (B=0 at init would make it a no-op)."""
+def make_adapter(base: Path, out: Path, seed: int, untrained: bool = False) -> Path:
+    """A LoRA adapter with random non-zero B matrices (B=0 at init would make it a no-op); `untrained` keeps PEFT's
+    initialisation, B = 0: an adapter that changes nothing, as one saved before any training step."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -210,7 +211,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name and not untrained:
                 p.copy_(torch.randn(p.shape, generator=gen))
     model.save_pretrained(out)
     return out

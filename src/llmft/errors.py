@@ -5,3 +5,7 @@ The CLI prints it without a traceback and exits 2; every stage raises it, naming
 
 class LlmftError(Exception):
     """An error the user can fix. Printed without a traceback."""
+
+
+class AdapterCheckError(LlmftError):
+    """evaluate's adapter checks failed: the tuned side would not be the adapter (evaluate/checks.py)."""

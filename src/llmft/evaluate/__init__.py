@@ -12,13 +12,14 @@ Writes the full table to `paths.eval_dir`/table.json ({"<metric>": {base, tuned,
 higher_is_better}, "<metric>/<category>": ..., "<benchmark>": {status: skipped|error, reason}}) and
 table.md, generated answers and judgments under `paths.eval_dir`/outputs (in alpaca_eval's and FastChat's
 formats, which evaluate.outputs reads back), meta.json (runtime, where each side's answers came from, the
-judge's requests, retries, failures by kind and cache hits), the headline numbers (base, tuned, delta of each
-top-level metric) to `paths.eval_metrics` for DVC, charts under `paths.eval_plots`, and logs it all to the
-pipeline's MLflow run. Which benchmarks exist, and how each runs, is the table in benchmarks.py. Judge-based
-benchmarks without a judge are recorded as skipped; a benchmark that fails or yields no result (an
+adapter checks, the judge's requests, retries, failures by kind and cache hits), the headline numbers (base,
+tuned, delta of each top-level metric) to `paths.eval_metrics` for DVC, charts under `paths.eval_plots`, and logs
+it all to the pipeline's MLflow run. Which benchmarks exist, and how each runs, is the table in benchmarks.py.
+Judge-based benchmarks without a judge are recorded as skipped; a benchmark that fails or yields no result (an
 unreachable judge, no parsable judgment) is recorded as an error, the summary line starts with FAILED and
 names it, and the stage exits non-zero after writing everything (finished judgments are cached: a rerun
-resumes).
+resumes). Before any benchmark runs, checks.py makes sure that the tuned side is the adapter (its logits differ
+from the base's; merged, served and in process, it answers alike), or stops the stage.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ NO_JUDGE = "no judge configured (evaluate.judge.model is null)"
 
 
 def evaluate(cfg: Config) -> dict:
-    from . import candidates
+    from . import candidates, checks
 
     e, paths = cfg.evaluate, cfg.paths
     start = time.time()
@@ -45,6 +46,7 @@ def evaluate(cfg: Config) -> dict:
     c = candidates.load(cfg)
     print(f"evaluate: base = {candidates.describe(c, 'base')}, tuned = {candidates.describe(c, 'tuned')}, "
           f"judge: {judge.name if judge else 'none'}", flush=True)
+    adapter_checks = checks.run(c)  # the tuned side is the adapter, or the stage stops before any benchmark runs
     table: dict = {}
     failed = []
     judge_calls: dict = {}  # per benchmark: what the judge cost and suffered
@@ -69,7 +71,7 @@ def evaluate(cfg: Config) -> dict:
 
     table = _finite(table)
     runtime = round(time.time() - start, 1)
-    _write(cfg, table, c, judge, judge_calls, runtime)
+    _write(cfg, table, c, judge, judge_calls, runtime, adapter_checks)
     print(summary_line(table, f"{paths.eval_dir}/table.md", runtime, judges.summary(judge) if judge else None),
           flush=True)
     if failed:
@@ -135,7 +137,7 @@ def headline(table: dict) -> dict:
             if report.is_result(r) and "/" not in n}
 
 
-def _write(cfg: Config, table: dict, c, judge, judge_calls: dict, runtime: float) -> None:
+def _write(cfg: Config, table: dict, c, judge, judge_calls: dict, runtime: float, adapter_checks: dict) -> None:
     from . import candidates
 
     e, paths = cfg.evaluate, cfg.paths
@@ -153,7 +155,8 @@ def _write(cfg: Config, table: dict, c, judge, judge_calls: dict, runtime: float
                                   "judge_requests": calls["requests"] if calls else 0,
                                   "judge_cached": calls["cached"] if calls else 0,
                                   "judge_calls": {"total": calls, **judge_calls} if calls else {},
-                                  "base": candidates.describe(c, "base"), "tuned": candidates.describe(c, "tuned")})
+                                  "base": candidates.describe(c, "base"), "tuned": candidates.describe(c, "tuned"),
+                                  "adapter_checks": adapter_checks})
     write_json(paths.eval_metrics, headline(table))
     pngs = report.plots(table, Path(paths.eval_plots))
     report.log_mlflow(cfg, table, [out / "table.json", out / "table.md", out / "meta.json", *pngs, out / "outputs"])

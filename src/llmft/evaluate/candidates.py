@@ -126,14 +126,18 @@ def generate(c: Candidates, side: str, convs: list[Conversation], desc: str) -> 
         return gen.generate(model, c.tok, prompts, g, desc=f"{desc} [{side}]", seed=c.cfg.evaluate.seed)
 
 
+def merges(model) -> bool:
+    """Whether the tuned side generates with its adapter merged: on a GPU (unmerged, the tuned 7B answer set took
+    1.9x the base's time on an H200). On a CPU it stays unmerged, as the served model runs it."""
+    return next(model.parameters()).device.type == "cuda"
+
+
 def _merged(model, side: str):
-    """On a GPU the tuned side generates with its adapter merged (unmerged, the tuned 7B answer set took 1.9x the
-    base's time on an H200); generate.merged puts the base weights back exactly. On a CPU it stays unmerged, as
-    the served model runs it."""
+    """generate.merged for the tuned side where `merges` says so (it puts the base weights back exactly), else
+    nothing."""
     from .. import generate as gen
 
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    return gen.merged(model) if side == "tuned" and on_gpu else contextlib.nullcontext()
+    return gen.merged(model) if side == "tuned" and merges(model) else contextlib.nullcontext()
 
 
 def score(c: Candidates, side: str, pairs: list[tuple[str, str]], desc: str, max_length: Optional[int] = None):
