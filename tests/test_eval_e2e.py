@@ -111,10 +111,11 @@ def test_every_row_filled_in_the_contract_format(full_run):
     assert arc["status"] == "skipped" and "arc_challenge" in arc["reason"] and "lm_eval_include_path" in arc["reason"]
     on_disk = json.loads((Path(cfg.paths.eval_dir) / "table.json").read_text())
     assert on_disk == json.loads(json.dumps(table))
-    # the DVC metrics file holds the headline numbers only: no categories, CIs or skip reasons
+    # the DVC metrics file holds the headline numbers only: no categories or skip reasons
     flat = json.loads(Path(cfg.paths.eval_metrics).read_text())
     assert set(flat) == {k for k, r in table.items() if "status" not in r and "/" not in k}
-    assert flat["test_loss"] == {k: table["test_loss"][k] for k in ("base", "tuned", "delta")}
+    assert flat["test_loss"] == {**{k: table["test_loss"][k] for k in ("base", "tuned", "delta")},
+                                 "ci95_lo": table["test_loss"]["ci95"][0], "ci95_hi": table["test_loss"]["ci95"][1]}
 
 
 def test_test_loss_matches_the_models_own_loss(full_run, tiny_model_dir):
@@ -161,7 +162,7 @@ def test_outputs_report_plots_and_mlflow(full_run):
     assert m["eval/test_loss.delta"] == pytest.approx(table["test_loss"]["delta"])
     # per-category rows are not one-point charts in the metrics tab: they are in the logged table
     assert not any(k.count("/") > 1 for k in m) and "eval/mt_bench_score.base" in m
-    assert {k.rsplit(".", 1)[1] for k in m if k.startswith("eval/")} == {"base", "tuned", "delta"}
+    assert {k.rsplit(".", 1)[1] for k in m if k.startswith("eval/")} == {"base", "tuned", "delta", "ci95_lo", "ci95_hi"}
     assert run.data.tags["eval.lm_eval_arc_challenge.status"].startswith("skipped")
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/table.json", "eval/table.md", "eval/mt_bench_radar.png", "eval/table_rows.json"} <= arts

@@ -50,13 +50,13 @@ def test_folders_of_the_five_tasks():
 
 @pytest.fixture(scope="module")
 def slice_run(tmp_path_factory, tiny_model_dir, shared_data):
-    """llmft's lm_eval benchmark on the real files, 2 documents per subtask, base vs a random adapter."""
+    """llmft's lm_eval benchmark on the real files, 1 document per subtask, base vs a random adapter."""
     from llmft.evaluate import candidates
 
     tmp = tmp_path_factory.mktemp("lmeval_truth")
     adapter = make_adapter(tiny_model_dir, tmp / "adapter", seed=3)
     cfg = project_config(tmp, "evaluate.benchmarks=[lm_eval]", f"evaluate.lm_eval_tasks=[{','.join(TASKS)}]",
-                         f"evaluate.lm_eval_data={shared_data / 'lm_eval'}", "evaluate.lm_eval_limit=2",
+                         f"evaluate.lm_eval_data={shared_data / 'lm_eval'}", "evaluate.lm_eval_limit=1",
                          "evaluate.lm_eval_num_fewshot={mmlu: 5, arc_challenge: 3}", "evaluate.bootstrap_samples=200",
                          "evaluate.generation.batch_size=8",
                          "register.metric=lm_eval_mmlu_acc.tuned", model=tiny_model_dir, adapter=adapter)
@@ -72,10 +72,10 @@ def test_base_numbers_equal_lm_eval_cli(slice_run):
     (tmp / "eval").mkdir(exist_ok=True)
     (tmp / "eval" / "table.json").write_text(json.dumps(table))
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "lm_eval_truth.py"), "--table",
-                           str(tmp / "eval" / "table.json")], cwd=tmp, capture_output=True, text=True, timeout=1200,
-                          env=child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+                           str(tmp / "eval" / "table.json"), "--jobs", "2"], cwd=tmp, capture_output=True, text=True,
+                          timeout=1200, env=child_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    record = json.loads((tmp / "eval" / "lm_eval_cli.json").read_text())
+    record = json.loads((tmp / "lm_eval_cli" / "comparison.json").read_text())
     assert set(record["tasks"]) == set(TASKS)
     compared = {row for t in record["tasks"].values() for row in t["rows"]}
     assert compared == {n for n in table if n.startswith("lm_eval_")}  # every row, subtasks included
@@ -87,10 +87,10 @@ def test_rows_have_subtasks_cis_and_chance(slice_run):
     mmlu = table["lm_eval_mmlu_acc"]
     subjects = [n for n in table if n.startswith("lm_eval_mmlu_acc/")]
     assert len(subjects) == 57 + 4  # every subject and the four subgroups (stem, humanities, ...)
-    assert mmlu["n"] == 57 * 2 and mmlu["fewshot"] == 5 and mmlu["chance"] == pytest.approx(0.25)
+    assert mmlu["n"] == 57 and mmlu["fewshot"] == 5 and mmlu["chance"] == pytest.approx(0.25)
     lo, hi = mmlu["ci95"]
     assert lo <= mmlu["delta"] <= hi and lo < hi
-    assert table["lm_eval_bbh_fewshot_exact_match"]["n"] == 27 * 2
+    assert table["lm_eval_bbh_fewshot_exact_match"]["n"] == 27
     assert len([n for n in table if n.startswith("lm_eval_bbh_fewshot_exact_match/")]) == 27
     assert 0 < table["lm_eval_truthfulqa_mc2_acc"]["chance"] < 0.5
     assert {"lm_eval_gsm8k_exact_match_strict-match", "lm_eval_gsm8k_exact_match_flexible-extract"} <= set(table)

@@ -131,10 +131,11 @@ def _finite(obj):
 
 
 def headline(table: dict) -> dict:
-    """The DVC metrics file: base/tuned/delta of each top-level metric, nothing else (categories, CIs and
-    skip reasons stay in table.json), so `dvc exp show` has a readable number of columns."""
-    return {n: {k: r[k] for k in ("base", "tuned", "delta")} for n, r in table.items()
-            if report.is_result(r) and "/" not in n}
+    """The DVC metrics file: base, tuned, delta and the delta's 95% CI (ci95_lo, ci95_hi) of each top-level metric,
+    nothing else (categories and skip reasons stay in table.json), so `dvc exp show` has a readable number of
+    columns."""
+    return {n: {**{k: r[k] for k in ("base", "tuned", "delta")}, "ci95_lo": r["ci95"][0], "ci95_hi": r["ci95"][1]}
+            for n, r in table.items() if report.is_result(r) and "/" not in n}
 
 
 def _write(cfg: Config, table: dict, c, judge, judge_calls: dict, runtime: float, adapter_checks: dict) -> None:

@@ -21,10 +21,13 @@ from typing import Optional
 import numpy as np
 
 from ..errors import LlmftError
+from ..io import write_json
 from . import candidates as cands
 from . import stats
 
 OFFLINE = ("OfflineModeIsEnabled", "ConnectionError", "LocalEntryNotFound")
+COMMANDS = "lm_eval_commands.json"
+"""{task: lm-eval's own command for the base side}, in paths.eval_dir, written before the tasks run."""
 
 
 def _fewshot(setting, task: str) -> Optional[int]:
@@ -76,20 +79,33 @@ def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | s
 
 def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
     """Every task for one side, one at a time: a task that cannot load becomes an error, the others still run."""
+    import logging
+    import time
+
     import lm_eval
 
-    for task in e.lm_eval_tasks:
-        if task in errors:
-            continue
-        try:
-            r = lm_eval.simple_evaluate(
-                model=lm, tasks=[task], task_manager=tm, num_fewshot=_fewshot(e.lm_eval_num_fewshot, task),
-                limit=e.lm_eval_limit, log_samples=True, bootstrap_iters=0, random_seed=e.seed,
-                numpy_random_seed=e.seed, torch_random_seed=e.seed, fewshot_random_seed=e.seed)
-        except Exception as ex:  # unknown task, dataset not downloadable offline, ...
-            errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
-            continue
-        results[task][side] = r
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)  # a warning per subtask ("Overwriting default num_fewshot ...") and per long prompt
+    try:
+        for task in e.lm_eval_tasks:
+            if task in errors:
+                continue
+            start = time.time()
+            try:
+                r = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=tm, num_fewshot=_fewshot(e.lm_eval_num_fewshot, task),
+                    limit=e.lm_eval_limit, log_samples=True, bootstrap_iters=0, random_seed=e.seed,
+                    numpy_random_seed=e.seed, torch_random_seed=e.seed, fewshot_random_seed=e.seed)
+            except Exception as ex:  # unknown task, dataset not downloadable offline, ...
+                errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
+                print(f"evaluate: lm_eval {task} [{side}] could not run: {errors[task][:200]}", flush=True)
+                continue
+            results[task][side] = r
+            docs = sum(len({s["doc_id"] for s in v}) for v in r["samples"].values())
+            print(f"evaluate: lm_eval {task} [{side}] {docs:,} documents in {time.time() - start:.0f}s", flush=True)
+    finally:
+        log.setLevel(level)
 
 
 def run(c: cands.Candidates, judge=None) -> dict:
@@ -103,12 +119,14 @@ def run(c: cands.Candidates, judge=None) -> dict:
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
     batch = e.lm_eval_batch_size or e.generation.batch_size
+    weight = next(c.model.parameters())
+    dtype, device = str(weight.dtype).removeprefix("torch."), str(weight.device)
+    commands = {task: cli(cfg, task, c.base_path, dtype, device, batch, include) for task in e.lm_eval_tasks}
+    write_json(Path(cfg.paths.eval_dir) / COMMANDS, commands)  # tools/lm_eval_truth.py --wait starts on this
     lm = _hflm(c, batch)
     for side in cands.SIDES:
         with cands.as_side(c, side):
             _run_tasks(e, tm, lm, side, results, errors)
-    weight = next(c.model.parameters())
-    dtype, device = str(weight.dtype).removeprefix("torch."), str(weight.device)
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
@@ -122,7 +140,7 @@ def run(c: cands.Candidates, judge=None) -> dict:
                 out[f"lm_eval_{task}"] = stats.error(why)
             continue
         extra = {"fewshot": _fewshot(e.lm_eval_num_fewshot, task), "data": e.lm_eval_data or "hub",
-                 "cli": cli(cfg, task, c.base_path, dtype, device, batch, include)}
+                 "cli": commands[task]}
         out.update(task_rows(task, results[task]["base"], results[task]["tuned"], tm, e.bootstrap_samples, e.seed,
                              **extra))
     return out

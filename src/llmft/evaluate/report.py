@@ -156,9 +156,9 @@ def _key(text: str) -> str:
 
 
 def log_mlflow(cfg, table: dict, artifacts: list[Path]) -> bool:
-    """Summary metrics eval/<metric>.{base,tuned,delta} for the top-level rows only (the run's metrics tab stays
-    readable); CIs, per-category rows, skip reasons and files go in as artifacts under eval/ (table_rows.json is
-    the whole table, sortable in the UI)."""
+    """Summary metrics eval/<metric>.{base,tuned,delta,ci95_lo,ci95_hi} for the top-level rows only (the run's
+    metrics tab stays readable); per-category rows, skip reasons and files go in as artifacts under eval/
+    (table_rows.json is the whole table, sortable in the UI)."""
     from .. import tracking
 
     if not Path(cfg.paths.run_id).exists():
@@ -173,7 +173,8 @@ def log_mlflow(cfg, table: dict, artifacts: list[Path]) -> bool:
             continue
         if "/" in name:
             continue
-        vals = {"base": r["base"], "tuned": r["tuned"], "delta": r["delta"]}  # CIs and n: the logged table
+        vals = {"base": r["base"], "tuned": r["tuned"], "delta": r["delta"], "ci95_lo": r["ci95"][0],
+                "ci95_hi": r["ci95"][1]}  # n and the per-category rows: the logged table
         # "eval/..." : the MLflow UI groups a prefix before "/" into its own section of charts
         metrics.update({_key(f"eval/{name}.{k}"): float(v) for k, v in vals.items()
                         if v is not None and math.isfinite(float(v))})
