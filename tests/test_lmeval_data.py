@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, child_env, make_adapter, project_config
 
@@ -82,15 +83,77 @@ def test_base_numbers_equal_lm_eval_cli(slice_run):
     assert record["max_abs_diff"] < 5e-5, record
 
 
-def test_rows_have_subtasks_cis_and_chance(slice_run):
+def test_rows_have_subtasks_cis_and_chance(slice_run, shared_data):
     table, _ = slice_run
     mmlu = table["lm_eval_mmlu_acc"]
     subjects = [n for n in table if n.startswith("lm_eval_mmlu_acc/")]
     assert len(subjects) == 57 + 4  # every subject and the four subgroups (stem, humanities, ...)
     assert mmlu["n"] == 57 and mmlu["fewshot"] == 5 and mmlu["chance"] == pytest.approx(0.25)
     lo, hi = mmlu["ci95"]
-    assert lo <= mmlu["delta"] <= hi and lo < hi
+    assert lo <= mmlu["delta"] <= hi  # one document a subject: the stratified bootstrap has no spread to draw on
     assert table["lm_eval_bbh_fewshot_exact_match"]["n"] == 27
     assert len([n for n in table if n.startswith("lm_eval_bbh_fewshot_exact_match/")]) == 27
-    assert 0 < table["lm_eval_truthfulqa_mc2_acc"]["chance"] < 0.5
+    mc1 = [json.loads(x) for x in (shared_data / "lm_eval" / "truthfulqa" / "validation.jsonl").open()][:1]
+    assert table["lm_eval_truthfulqa_mc1_acc"]["chance"] == pytest.approx(1 / len(mc1[0]["mc1_targets"]["choices"]))
+    assert table["lm_eval_truthfulqa_mc2_acc"]["chance"] == pytest.approx(np.mean(mc1[0]["mc2_targets"]["labels"]))
     assert {"lm_eval_gsm8k_exact_match_strict-match", "lm_eval_gsm8k_exact_match_flexible-extract"} <= set(table)
+
+
+def test_a_rerun_reads_finished_tasks_back(tmp_path, tiny_model_dir, capsys):
+    """Each task and side is kept under a key of what decides its scores: a killed evaluate resumes, and a new adapter
+    or setting scores again."""
+    from llmft.evaluate import candidates
+
+    def table(adapter, *extra):
+        cfg = project_config(tmp_path, "evaluate.benchmarks=[lm_eval]", "evaluate.lm_eval_tasks=[llmft_tiny_qa]",
+                             f"evaluate.lm_eval_include_path={ROOT / 'tests' / 'data' / 'lm_eval'}",
+                             "evaluate.lm_eval_limit=4", "evaluate.bootstrap_samples=100",
+                             "register.metric=lm_eval_llmft_tiny_qa_acc.tuned", *extra, model=tiny_model_dir,
+                             adapter=adapter)
+        out = lmeval.run(candidates.load(cfg))
+        return out, capsys.readouterr().out
+
+    first, log = table(make_adapter(tiny_model_dir, tmp_path / "a1", seed=1))
+    assert "read back" not in log
+    again, log = table(tmp_path / "a1")
+    assert log.count("read back") == 2 and again == first
+    other, log = table(make_adapter(tiny_model_dir, tmp_path / "a2", seed=2))
+    assert "llmft_tiny_qa [base] read back" in log and "llmft_tiny_qa [tuned] read back" not in log
+    assert other["lm_eval_llmft_tiny_qa_acc"]["base"] == first["lm_eval_llmft_tiny_qa_acc"]["base"]
+    _, log = table(tmp_path / "a2", "evaluate.lm_eval_limit=3")
+    assert "read back" not in log
+
+
+def _leaf(scores: list[float]) -> dict:
+    return {"samples": [{"doc_id": i, "filter": "none", "exact_match": v} for i, v in enumerate(scores)],
+            "results": {"exact_match,none": float(np.mean(scores)), "alias": "x"}}
+
+
+def _group(leaves: dict[str, list[float]], value: float) -> dict:
+    """A compacted lm-eval result of the real group bbh_fewshot with two of its subtasks."""
+    out = {"results": {"bbh_fewshot": {"exact_match,none": value, "alias": "bbh_fewshot"}},
+           "group_subtasks": {"bbh_fewshot": list(leaves)}, "higher_is_better": {}, "samples": {},
+           "chance": {leaf: {"exact_match,none": 0.5} for leaf in leaves}}
+    for leaf, scores in leaves.items():
+        one = _leaf(scores)
+        out["samples"][leaf], out["results"][leaf] = one["samples"], {**one["results"], "alias": leaf}
+    return out
+
+
+def test_group_rows_are_lm_evals_aggregate_with_a_stratified_ci():
+    tm = lmeval_data.task_manager([])
+    a, b = "bbh_fewshot_snarks", "bbh_fewshot_navigate"
+    base = {a: [1, 0, 1, 1, 0, 1, 0, 1], b: [0, 0, 1, 0]}
+    tuned = {a: [1, 1, 1, 1, 0, 1, 1, 1], b: [0, 0, 0, 0]}
+    size_weighted = {k: sum(sum(v) for v in d.values()) / 12 for k, d in (("base", base), ("tuned", tuned))}
+    rows = lmeval.task_rows("bbh_fewshot", _group(base, size_weighted["base"]), _group(tuned, size_weighted["tuned"]),
+                            tm, 500, 0)
+    top = rows["lm_eval_bbh_fewshot_exact_match"]
+    assert top["n"] == 12 and top["base"] == size_weighted["base"] and top["chance"] == pytest.approx(0.5)
+    assert top["ci95"][0] < top["delta"] < top["ci95"][1]
+    assert set(rows) == {"lm_eval_bbh_fewshot_exact_match", "lm_eval_bbh_fewshot_exact_match/snarks",
+                         "lm_eval_bbh_fewshot_exact_match/navigate"}
+    assert rows["lm_eval_bbh_fewshot_exact_match/navigate"]["delta"] == -0.25
+    with pytest.raises(LlmftError, match="recomputed from its documents is 0.500000, lm-eval reports 0.583333"):
+        # the subtasks' mean, not lm-eval's size-weighted aggregate: the CI would be of another number
+        lmeval.task_rows("bbh_fewshot", _group(base, 7 / 12), _group(tuned, 0.5), tm, 100, 0)

@@ -98,6 +98,9 @@ class PathsConfig:
     """report: the PDF."""
     judge_cache: str = ".cache/judge"
     """Every judgment, one file per request: a rerun pays nothing twice. Outside DVC outputs (DVC deletes those)."""
+    lm_eval_cache: str = ".cache/lm_eval"
+    """lm-eval's scores per task and side, each under a key of its command, the adapter and the data: a killed
+    evaluate resumes at the first unfinished task. Outside DVC outputs."""
     tune: str = "runs/tune"
     """tune: one folder per study, one per trial inside it (that trial's adapter, metrics, plots)."""
 

@@ -13,6 +13,7 @@ side's numbers.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -77,19 +78,27 @@ def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | s
     return " ".join(parts)
 
 
-def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
-    """Every task for one side, one at a time: a task that cannot load becomes an error, the others still run."""
+def _run_tasks(c: cands.Candidates, tm, lm, side: str, keys: dict, results: dict, errors: dict) -> None:
+    """Every task for one side, one at a time: a task that cannot load becomes an error, the others still run; a
+    task already scored under the same key (lm_eval_cache) is read back."""
     import logging
     import time
 
     import lm_eval
 
+    e = c.cfg.evaluate
     log = logging.getLogger("lm_eval")
     level = log.level
     log.setLevel(logging.ERROR)  # a warning per subtask ("Overwriting default num_fewshot ...") and per long prompt
     try:
         for task in e.lm_eval_tasks:
             if task in errors:
+                continue
+            cache = Path(c.cfg.paths.lm_eval_cache) / f"{task}.{side}.json"
+            done = json.loads(cache.read_text()) if cache.exists() else {}
+            if done.get("key") == keys[task, side]:
+                results[task][side] = done["result"]
+                print(f"evaluate: lm_eval {task} [{side}] read back from {cache}", flush=True)
                 continue
             start = time.time()
             try:
@@ -101,11 +110,47 @@ def _run_tasks(e, tm, lm, side: str, results: dict, errors: dict) -> None:
                 errors[task] = f"{type(ex).__name__}: {str(ex)[:300]}"
                 print(f"evaluate: lm_eval {task} [{side}] could not run: {errors[task][:200]}", flush=True)
                 continue
-            results[task][side] = r
+            results[task][side] = compact(r)
+            write_json(cache, {"key": keys[task, side], "result": results[task][side]})
             docs = sum(len({s["doc_id"] for s in v}) for v in r["samples"].values())
             print(f"evaluate: lm_eval {task} [{side}] {docs:,} documents in {time.time() - start:.0f}s", flush=True)
     finally:
         log.setLevel(level)
+
+
+def compact(r: dict) -> dict:
+    """What the rows need of simple_evaluate's output, small enough to keep: lm-eval's results and group tree, and per
+    subtask each document's scores and the chance level of each `metric,filter`."""
+    samples, chances = {}, {}
+    for leaf, rows in r["samples"].items():
+        samples[leaf] = [{"doc_id": int(s["doc_id"]), "filter": s.get("filter", "none"),
+                          **{m: float(s[m]) for m in s.get("metrics", []) if m in s}} for s in rows]
+        cfg = r["configs"].get(leaf, {})
+        chances[leaf] = {}
+        for key in r["results"].get(leaf, {}):
+            metric, _, filt = key.partition(",")
+            if filt and not metric.endswith("_stderr"):
+                chances[leaf][key] = chance([s for s in rows if s.get("filter", "none") == filt], cfg, metric)
+    return {"results": r["results"], "group_subtasks": r.get("group_subtasks", {}),
+            "higher_is_better": r.get("higher_is_better", {}), "samples": samples, "chance": chances}
+
+
+def _keys(c: cands.Candidates, commands: dict[str, str]) -> dict[tuple[str, str], str]:
+    """{(task, side): key} of what decides the scores: lm-eval's command (model, dtype, shots, limit, seed, data
+    folder), lm-eval's version, the data files and, for the tuned side, the adapter's files."""
+    import hashlib
+    from importlib.metadata import version
+
+    def digest(folder) -> str:
+        h = hashlib.sha256()
+        for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder else []:
+            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    data, adapter = digest(c.cfg.evaluate.lm_eval_data), digest(c.adapter)
+    return {(task, side): hashlib.sha256(json.dumps([cmd, side, version("lm_eval"), data,
+                                                     adapter if side == "tuned" else None]).encode()).hexdigest()
+            for task, cmd in commands.items() for side in cands.SIDES}
 
 
 def run(c: cands.Candidates, judge=None) -> dict:
@@ -123,10 +168,11 @@ def run(c: cands.Candidates, judge=None) -> dict:
     dtype, device = str(weight.dtype).removeprefix("torch."), str(weight.device)
     commands = {task: cli(cfg, task, c.base_path, dtype, device, batch, include) for task in e.lm_eval_tasks}
     write_json(Path(cfg.paths.eval_dir) / COMMANDS, commands)  # tools/lm_eval_truth.py --wait starts on this
+    keys = _keys(c, commands)
     lm = _hflm(c, batch)
     for side in cands.SIDES:
         with cands.as_side(c, side):
-            _run_tasks(e, tm, lm, side, results, errors)
+            _run_tasks(c, tm, lm, side, keys, results, errors)
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
@@ -156,19 +202,21 @@ def _docs(samples: list[dict], metric: str, filt: str) -> dict[int, float]:
     return {int(s["doc_id"]): float(s[metric]) for s in samples if s.get("filter", "none") == filt and metric in s}
 
 
-def chance(samples: list[dict], output_type: str, metric: str) -> Optional[float]:
-    """What a model without knowledge scores on one task: a uniform guess for multiple choice (1/choices; for
-    TruthfulQA's MC2 the share of true answers, the probability mass a uniform model puts on them), the most common
-    answer's share for generated answers (exact match). None where neither applies."""
+def chance(samples: list[dict], config: dict, metric: str) -> Optional[float]:
+    """What a model without knowledge scores on one subtask (lm-eval's samples and task config): a uniform guess for
+    multiple choice (1/choices; for TruthfulQA's MC2 metric the share of true answers, the probability mass a
+    uniform model puts on them), the most common answer's share for generated answers (exact match). None where
+    neither applies."""
     if not samples:
         return None
-    if output_type == "multiple_choice":
-        if "mc2_targets" in samples[0].get("doc", {}):
+    custom = bool(config.get("process_results"))  # the task scores documents its own way
+    if config.get("output_type") == "multiple_choice":
+        if custom and "mc2_targets" in samples[0].get("doc", {}):
             return float(np.mean([np.mean(s["doc"]["mc2_targets"]["labels"]) for s in samples]))
-        if metric in ("acc", "acc_norm", "acc_mutual_info"):
+        if not custom and metric in ("acc", "acc_norm"):
             return float(np.mean([1 / len(s["arguments"]) for s in samples]))
         return None
-    if output_type == "generate_until" and metric == "exact_match":
+    if config.get("output_type") == "generate_until" and metric == "exact_match" and not custom:
         targets = Counter(str(s["target"]).strip() for s in samples)
         return targets.most_common(1)[0][1] / len(samples)
     return None
@@ -182,7 +230,7 @@ class _Node:
 
 
 def task_rows(task: str, rb: dict, rt: dict, tm, samples: int, seed: int, **extra) -> dict:
-    """The rows of one task (or group) from lm-eval's results for base (rb) and tuned (rt)."""
+    """The rows of one task (or group) from lm-eval's results for base (rb) and tuned (rt), each `compact`ed."""
     tree = rb.get("group_subtasks", {})
     hib = {n: h for per in rb.get("higher_is_better", {}).values() for n, h in per.items()}
     out = {}
@@ -203,9 +251,7 @@ def task_rows(task: str, rb: dict, rt: dict, tm, samples: int, seed: int, **extr
                     return None
                 b, t = np.array([db[i] for i in ids]), np.array([dt[i] for i in ids])
                 idx = rng.integers(0, len(ids), size=(samples, len(ids)))
-                kept = [s for s in rb["samples"][name] if s.get("filter", "none") == filt]
-                n = _Node(b[idx].mean(axis=1), t[idx].mean(axis=1), len(ids),
-                          chance(kept, rb["configs"][name].get("output_type", ""), metric))
+                n = _Node(b[idx].mean(axis=1), t[idx].mean(axis=1), len(ids), rb["chance"][name].get(key))
                 n.point = (b.mean(), t.mean())
             else:  # a group: its children's replicates combined with lm-eval's weights
                 kids = [k for k in (node(child) for child in tree.get(name, [])) if k is not None]
