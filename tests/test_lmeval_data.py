@@ -102,11 +102,15 @@ def test_rows_have_subtasks_cis_and_chance(slice_run, shared_data):
 def test_a_rerun_reads_finished_tasks_back(tmp_path, tiny_model_dir, capsys):
     """Each task and side is kept under a key of what decides its scores: a killed evaluate resumes, and a new adapter
     or setting scores again."""
+    import shutil
+
     from llmft.evaluate import candidates
+
+    tasks = shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tasks")
 
     def table(adapter, *extra):
         cfg = project_config(tmp_path, "evaluate.benchmarks=[lm_eval]", "evaluate.lm_eval_tasks=[llmft_tiny_qa]",
-                             f"evaluate.lm_eval_include_path={ROOT / 'tests' / 'data' / 'lm_eval'}",
+                             f"evaluate.lm_eval_include_path={tasks}",
                              "evaluate.lm_eval_limit=4", "evaluate.bootstrap_samples=100",
                              "register.metric=lm_eval_llmft_tiny_qa_acc.tuned", *extra, model=tiny_model_dir,
                              adapter=adapter)
@@ -120,6 +124,10 @@ def test_a_rerun_reads_finished_tasks_back(tmp_path, tiny_model_dir, capsys):
     other, log = table(make_adapter(tiny_model_dir, tmp_path / "a2", seed=2))
     assert "llmft_tiny_qa [base] read back" in log and "llmft_tiny_qa [tuned] read back" not in log
     assert other["lm_eval_llmft_tiny_qa_acc"]["base"] == first["lm_eval_llmft_tiny_qa_acc"]["base"]
+    _, log = table(tmp_path / "a2", "evaluate.lm_eval_limit=3")
+    assert "read back" not in log
+    yaml_file = next(tasks.rglob("*.yaml"))
+    yaml_file.write_text(yaml_file.read_text() + "\n# edited\n")  # a task YAML of lm_eval_include_path changed
     _, log = table(tmp_path / "a2", "evaluate.lm_eval_limit=3")
     assert "read back" not in log
 
@@ -154,6 +162,32 @@ def test_group_rows_are_lm_evals_aggregate_with_a_stratified_ci():
     assert set(rows) == {"lm_eval_bbh_fewshot_exact_match", "lm_eval_bbh_fewshot_exact_match/snarks",
                          "lm_eval_bbh_fewshot_exact_match/navigate"}
     assert rows["lm_eval_bbh_fewshot_exact_match/navigate"]["delta"] == -0.25
-    with pytest.raises(LlmftError, match="recomputed from its documents is 0.500000, lm-eval reports 0.583333"):
-        # the subtasks' mean, not lm-eval's size-weighted aggregate: the CI would be of another number
-        lmeval.task_rows("bbh_fewshot", _group(base, 7 / 12), _group(tuned, 0.5), tm, 100, 0)
+    # a number the documents do not give (here 7/12): the CI would be of another number, so the row is an error
+    wrong = lmeval.task_rows("bbh_fewshot", _group(base, 7 / 12), _group(tuned, 0.5), tm, 100, 0)
+    assert wrong["lm_eval_bbh_fewshot_exact_match"]["status"] == "error"
+    assert "is 0.583333; its documents' scores give 0.500000" in wrong["lm_eval_bbh_fewshot_exact_match"]["reason"]
+
+
+def test_a_nested_group_is_the_mean_over_all_its_subtasks():
+    """mmlu -> mmlu_stem -> subjects: lm-eval weighs every subject by its documents, at any depth."""
+    tm = lmeval_data.task_manager([])
+    subjects = {"mmlu_anatomy": [1, 0, 1], "mmlu_astronomy": [0, 0, 0, 0, 1], "mmlu_marketing": [1, 1]}
+    tree = {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["mmlu_anatomy", "mmlu_astronomy"],
+            "mmlu_other": ["mmlu_marketing"]}
+
+    def result(shift):
+        scores = {k: [min(1, v + shift) for v in vals] for k, vals in subjects.items()}
+        out = {"results": {}, "group_subtasks": tree, "higher_is_better": {}, "samples": {}, "chance": {}}
+        for leaf, vals in scores.items():
+            out["samples"][leaf] = [{"doc_id": i, "filter": "none", "acc": float(v)} for i, v in enumerate(vals)]
+            out["results"][leaf] = {"acc,none": float(np.mean(vals)), "alias": leaf}
+            out["chance"][leaf] = {"acc,none": 0.25}
+        for group in tree:
+            docs = [v for leaf in lmeval._below(group, tree) if leaf in scores for v in scores[leaf]]
+            out["results"][group] = {"acc,none": float(np.mean(docs)), "alias": group}
+        return out
+
+    rows = lmeval.task_rows("mmlu", result(0), result(1), tm, 200, 0)
+    assert rows["lm_eval_mmlu_acc"]["base"] == pytest.approx(5 / 10) and rows["lm_eval_mmlu_acc"]["n"] == 10
+    assert rows["lm_eval_mmlu_acc/stem"]["group"] and rows["lm_eval_mmlu_acc/stem"]["n"] == 8
+    assert "group" not in rows["lm_eval_mmlu_acc/anatomy"] and rows["lm_eval_mmlu_acc/anatomy"]["n"] == 3

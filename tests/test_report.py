@@ -364,3 +364,30 @@ def test_benchmarks_are_grouped_and_ordered_by_evaluates_table(monkeypatch):
     assert sorted(names, key=report_rules._order) == [
         "test_loss", "test_perplexity", "reference_nll_mt_bench", "rouge_l", "alpaca_eval_lc_win_rate",
         "alpaca_eval_win_rate", "mt_bench", "lm_eval", "lm_eval_arc_acc", "toxicity_rate", "zz_unknown"]
+
+
+def test_reasoning_paragraph_names_degraded_tasks_chance_and_subtasks():
+    """The Discussion's lm-eval paragraph, from the rows alone: which task degraded (CI on the worse side), which
+    did not, which sits at chance, and how many subtasks moved (subgroup rows not counted)."""
+    from llmft import report_rules
+
+    def row(base, tuned, ci, n=500, chance=None, group=False, **extra):
+        out = {"base": base, "tuned": tuned, "delta": tuned - base, "ci95": ci, "n": n, "higher_is_better": True,
+               "ci95_base": [base - 0.02, base + 0.02], "ci95_tuned": [tuned - 0.02, tuned + 0.02], **extra}
+        return {**out, **({"chance": chance} if chance is not None else {}), **({"group": True} if group else {})}
+
+    r = {"eval": {"test_loss": {**row(2.0, 1.8, [-0.3, -0.1]), "higher_is_better": False},
+                  "lm_eval_mmlu_acc": row(0.40, 0.37, [-0.05, -0.01], chance=0.25),
+                  "lm_eval_mmlu_acc/stem": row(0.3, 0.2, [-0.2, -0.05], group=True),
+                  "lm_eval_mmlu_acc/anatomy": row(0.5, 0.3, [-0.3, -0.1]),
+                  "lm_eval_mmlu_acc/marketing": row(0.5, 0.5, [-0.1, 0.1]),
+                  "lm_eval_truthfulqa_mc2_acc": row(0.45, 0.44, [-0.02, 0.01], chance=0.448)}}
+    text = " ".join(report_rules._reasoning(r))
+    assert "significantly worse on <i>lm_eval_mmlu_acc</i> 0.4 → 0.37" in text
+    assert "No significant change on <i>lm_eval_truthfulqa_mc2_acc</i>" in text
+    assert "On <i>lm_eval_truthfulqa_mc2_acc</i> both models score at or below chance level (0.448" in text
+    assert "lm_eval_mmlu_acc</i> at or below" not in text  # 0.40 ± 0.02 is clear of 0.25
+    assert "significantly worse in 1 of 2 (anatomy)" in text  # stem, a subgroup, is not a subtask
+    assert "test_loss" not in text  # the other benchmarks have their own paragraphs
+    r["eval"] = {k: v for k, v in r["eval"].items() if not k.startswith("lm_eval_mmlu")}
+    assert "No task's metric degraded significantly" in " ".join(report_rules._reasoning(r))

@@ -104,17 +104,19 @@ def main() -> int:
     def one(task):
         theirs, seconds = ran[task]
         rows = compare(task, table, theirs)
-        worst = max((r["abs_diff"] for r in rows.values()), default=float("nan"))
-        print(f"lm_eval_truth: {task}: {len(rows)} rows, largest |llmft - lm-eval| {worst:.2e} ({seconds:.0f}s)",
-              flush=True)
+        worst = max((r["abs_diff"] for r in rows.values()), default=None)  # None: nothing to compare, a failure
+        print(f"lm_eval_truth: {task}: {len(rows)} rows, largest |llmft - lm-eval| "
+              f"{'none compared' if worst is None else f'{worst:.2e}'} ({seconds:.0f}s)", flush=True)
         return task, {"command": todo[task], "runtime_s": round(seconds, 1), "rows": rows, "max_abs_diff": worst}
 
     record = dict(map(one, todo))
-    worst = max(r["max_abs_diff"] for r in record.values())
+    diffs = [r["max_abs_diff"] for r in record.values()]
+    worst = None if None in diffs else max(diffs)
     write_json(out_root / "comparison.json", {"tasks": record, "max_abs_diff": worst})
     print(f"lm_eval_truth: {sum(len(r['rows']) for r in record.values())} rows of {len(record)} tasks, largest "
-          f"difference {worst:.2e}; {out_root / 'comparison.json'}")
-    return 0 if worst < 5e-5 else 1
+          f"difference {'(a task had none to compare)' if worst is None else f'{worst:.2e}'}; "
+          f"{out_root / 'comparison.json'}")
+    return 0 if worst is not None and worst < 5e-5 else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .data import SPLITS
 from .evaluate.report import VERDICTS, verdict
 from .report_rules import (MIN_N_VERDICT, abstract, at_chance, categories, core, count, discussion, extended,
                            model_name, not_run, num, redact, benchmark_of, results, short_reason, signed, source_name,
-                           span)
+                           span, subtasks)
 
 
 def report(cfg: Config) -> Path:
@@ -374,7 +374,7 @@ def _extended(doc: _Doc) -> list:
     colour = {"better": plots.VERDICT_COLORS["better"], "worse": plots.VERDICT_COLORS["worse"]}
     rows = []
     for name, row in extended(r):
-        v, subs = verdict(row), cats.get(name, [])
+        v, subs = verdict(row), subtasks(cats.get(name, []))
         moved = (f"{sum(verdict(x) == 'worse' for _, x in subs)} / {sum(verdict(x) == 'better' for _, x in subs)} "
                  f"of {len(subs)}" if subs else "–")
         chance = num(row.get("chance")) + ("*" if at_chance(row) else "") if row.get("chance") is not None else "–"
@@ -389,8 +389,9 @@ def _extended(doc: _Doc) -> list:
                  f"metrics; data: {pdf.esc(', '.join(data))}) on base and tuned model. Base and tuned are lm-eval's own "
                  "numbers (a group such as MMLU aggregated as lm-eval aggregates it); the CI of Δ is a paired bootstrap "
                  "over documents, stratified by subtask. Chance is a uniform guess over the choices (TruthfulQA MC2: "
-                 "the true answers' share), or the most common answer's share for generated answers; * marks a score "
-                 "whose CI contains it. Each row's exact lm-eval command is in table.json.")]
+                 "the true answers' share), or a constant answer's score for generated answers (the most common "
+                 "reference); * marks a score "
+                 "whose CI reaches it. Each row's exact lm-eval command is in table.json.")]
     out.append(doc.table("lm-eval tasks, base vs tuned (subtasks: significantly worse / better of all).",
                          ["task / metric", "shots", "n", "chance", "base", "tuned", "Δ", "95% CI of Δ", "subtasks",
                           "verdict"], rows,

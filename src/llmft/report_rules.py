@@ -119,12 +119,17 @@ def extended(r: dict) -> list[tuple[str, dict]]:
 
 
 def at_chance(row: dict) -> list[str]:
-    """The sides whose 95% CI contains the task's chance level (a uniform guess, or the most common answer)."""
+    """The sides whose 95% CI reaches down to the task's chance level (a uniform guess, or a constant answer's
+    score) or below it: scores that do not show the model solving the task."""
     c = row.get("chance")
     if c is None:
         return []
-    return [side for side in ("base", "tuned") if (row.get(f"ci95_{side}") or [1, 0])[0] <= c
-            <= (row.get(f"ci95_{side}") or [1, 0])[1]]
+    return [side for side in ("base", "tuned") if row.get(f"ci95_{side}") and row[f"ci95_{side}"][0] <= c]
+
+
+def subtasks(cats: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The per-subtask rows of an lm-eval metric, without its subgroups' rows (MMLU's stem, humanities, ...)."""
+    return [(c, row) for c, row in cats if not row.get("group")]
 
 
 def not_run(r: dict) -> list[tuple[str, dict]]:
@@ -258,9 +263,9 @@ def _reasoning(r: dict) -> list[str]:
     out = [f"lm-eval's own task definitions ran on {docs}."]
     if by["worse"]:
         out.append("The tuned model is significantly worse on " + "; ".join(_row_text(n, row) for n, row in by["worse"])
-                   + ": the 95% CI of Δ lies below 0.")
-    else:
-        out.append("No task degraded significantly: no 95% CI of Δ lies entirely on the worse side of 0.")
+                   + ": the 95% CI of Δ excludes 0 on the worse side.")
+    elif by["ns"] or by["better"]:
+        out.append("No task's metric degraded significantly: no 95% CI of Δ excludes 0 on the worse side.")
     if by["ns"]:
         out.append("No significant change on " + "; ".join(f"<i>{_e(n)}</i> (Δ {signed(row['delta'])}, "
                                                           f"{span(row['ci95'])})" for n, row in by["ns"]) + ".")
@@ -271,10 +276,11 @@ def _reasoning(r: dict) -> list[str]:
                    + ", ".join(f"<i>{_e(n)}</i>" for n, _ in by["few"] + by["none"]) + ".")
     chance = [(n, row, sides) for n, row in rows if (sides := at_chance(row))]
     for n, row, sides in chance:
-        who = "both models" if len(sides) == 2 else f"the {sides[0]} model"
-        out.append(f"On <i>{_e(n)}</i> {who} score at chance level ({num(row['chance'])}: its 95% CI contains it): "
-                   "the model does not solve this task, so its Δ says little about lost reasoning or knowledge.")
+        who = "both models score" if len(sides) == 2 else f"the {sides[0]} model scores"
+        out.append(f"On <i>{_e(n)}</i> {who} at or below chance level ({num(row['chance'])}, within the 95% CI): "
+                   "the task is not solved, so its Δ says little about lost reasoning or knowledge.")
     for metric, cats in categories(r).items():
+        cats = subtasks(cats)
         if benchmark_of(metric) != "lm_eval" or len(cats) < 2:
             continue
         moved = {k: [c for c, row in cats if verdict(row) == k] for k in ("worse", "better")}

@@ -43,6 +43,10 @@ def evaluate(cfg: Config) -> dict:
     e, paths = cfg.evaluate, cfg.paths
     start = time.time()
     judge = judges.make(e.judge, paths.judge_cache)  # fails now, not after an hour of generation, if the key is missing
+    if "lm_eval" in e.benchmarks and e.lm_eval_data:  # a missing data file fails now, naming task, split and path
+        from . import lmeval
+
+        lmeval.include_paths(cfg)
     c = candidates.load(cfg)
     print(f"evaluate: base = {candidates.describe(c, 'base')}, tuned = {candidates.describe(c, 'tuned')}, "
           f"judge: {judge.name if judge else 'none'}", flush=True)

@@ -70,7 +70,7 @@ def run(c: cands.Candidates) -> dict:
 
 def _line(name: str, r: dict, c: cands.Candidates, n: int) -> str:
     if r["status"] != "passed":
-        return f"{name} not run: {r['reason']}"
+        return f"{name} {r['status']}: {r['reason']}"
     if name == "logits":
         return f"logits differ (max |Δ| {r['max_abs_diff']:.2g} on {n} prompts)"
     if name == "merge":
@@ -145,7 +145,7 @@ def merge_agrees(c: cands.Candidates, prompts: list[str], merge=None, answers: d
                                 f"greedy answers merged equal the unmerged ones (at least {MIN_AGREEMENT:.0%} must)"
                                 f"{_as_base(r, 'the merged model')}; the tuned side, which answers merged on a GPU, "
                                 "would not be the adapter (generate.merged)")
-    return {"status": "passed", **r}
+    return _unless_vacuous({"status": "passed", **r}, len(got))
 
 
 def endpoint_agrees(c: cands.Candidates, convs: list[cands.Conversation], answers: dict | None = None) -> dict:
@@ -167,7 +167,17 @@ def endpoint_agrees(c: cands.Candidates, convs: list[cands.Conversation], answer
                                 f"{_agreed(r, len(got))} of its greedy answers equal the adapter's in process (at "
                                 f"least {MIN_AGREEMENT:.0%} must){_as_base(r, 'it')}. It serves the base model or "
                                 "another one, or another template (data.template, data.system_prompt)")
-    return {"status": "passed", "endpoint": c.endpoint, **r}
+    return _unless_vacuous({"status": "passed", "endpoint": c.endpoint, **r}, len(got))
+
+
+def _unless_vacuous(result: dict, n: int) -> dict:
+    """A passed agreement check is inconclusive where the adapter changes none of the greedy answers: agreeing with
+    it is then agreeing with the base model too."""
+    if result.get("tuned_differs_from_base") == 0:
+        return {**result, "status": "inconclusive",
+                "reason": f"the adapter changes none of the {n} greedy answers, so agreeing with it does not tell it "
+                          "from the base model"}
+    return result
 
 
 def _greedy(cfg: Config) -> GenerationConfig:

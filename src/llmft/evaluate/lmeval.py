@@ -55,7 +55,7 @@ def tasks_dir(cfg) -> Path:
     return Path(cfg.paths.eval_dir) / "lm_eval_tasks"
 
 
-def _include_paths(cfg) -> list[str]:
+def include_paths(cfg) -> list[str]:
     from . import lmeval_data
 
     e = cfg.evaluate
@@ -68,8 +68,10 @@ def _include_paths(cfg) -> list[str]:
 
 def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | str, include: list[str]) -> str:
     """lm-eval's own command that computes the base side's numbers of `task` as run here."""
-    e = cfg.evaluate
-    parts = ["lm_eval run --model hf", f"--model_args pretrained={model},dtype={dtype}", f"--tasks {task}",
+    e, m = cfg.evaluate, cfg.model
+    args = f"pretrained={model},dtype={dtype}" + (f",revision={m.revision}" if m.revision else "") + \
+        (",trust_remote_code=True" if m.trust_remote_code else "")
+    parts = ["lm_eval run --model hf", f"--model_args {args}", f"--tasks {task}",
              f"--device {device}", f"--batch_size {batch_size}", f"--seed {e.seed}"]
     shots = _fewshot(e.lm_eval_num_fewshot, task)
     parts += [f"--num_fewshot {shots}"] if shots is not None else []
@@ -124,7 +126,8 @@ def compact(r: dict) -> dict:
     samples, chances = {}, {}
     for leaf, rows in r["samples"].items():
         samples[leaf] = [{"doc_id": int(s["doc_id"]), "filter": s.get("filter", "none"),
-                          **{m: float(s[m]) for m in s.get("metrics", []) if m in s}} for s in rows]
+                          **{m: float(s[m]) for m in s.get("metrics", []) if isinstance(s.get(m), (int, float))}}
+                         for s in rows]
         cfg = r["configs"].get(leaf, {})
         chances[leaf] = {}
         for key in r["results"].get(leaf, {}):
@@ -136,20 +139,24 @@ def compact(r: dict) -> dict:
 
 
 def _keys(c: cands.Candidates, commands: dict[str, str]) -> dict[tuple[str, str], str]:
-    """{(task, side): key} of what decides the scores: lm-eval's command (model, dtype, shots, limit, seed, data
-    folder), lm-eval's version, the data files and, for the tuned side, the adapter's files."""
+    """{(task, side): key} of what decides the scores: lm-eval's command (model, revision, dtype, shots, limit, seed,
+    task folders), lm-eval's version, the data files, the task YAMLs of evaluate.lm_eval_include_path, the tokenizer
+    (saved with the adapter) and, for the tuned side, the adapter's weights."""
     import hashlib
     from importlib.metadata import version
 
-    def digest(folder) -> str:
+    def digest(folder, pattern="*") -> str:
         h = hashlib.sha256()
-        for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder else []:
+        for f in sorted(p for p in Path(folder).rglob(pattern) if p.is_file()) if folder else []:
             h.update(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
         return h.hexdigest()
 
-    data, adapter = digest(c.cfg.evaluate.lm_eval_data), digest(c.adapter)
-    return {(task, side): hashlib.sha256(json.dumps([cmd, side, version("lm_eval"), data,
-                                                     adapter if side == "tuned" else None]).encode()).hexdigest()
+    e = c.cfg.evaluate
+    shared = [version("lm_eval"), digest(e.lm_eval_data), digest(e.lm_eval_include_path),
+              digest(c.adapter, "*token*")]
+    adapter = digest(c.adapter)
+    return {(task, side): hashlib.sha256(json.dumps([cmd, side, *shared, adapter if side == "tuned" else None])
+                                         .encode()).hexdigest()
             for task, cmd in commands.items() for side in cands.SIDES}
 
 
@@ -159,7 +166,7 @@ def run(c: cands.Candidates, judge=None) -> dict:
     cfg, e = c.cfg, c.cfg.evaluate
     if c.adapter is None:
         return {"lm_eval": stats.skipped("needs the tuned weights: no adapter in paths.adapter")}
-    include = _include_paths(cfg)
+    include = include_paths(cfg)
     tm = lmeval_data.task_manager(include)
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
@@ -205,8 +212,8 @@ def _docs(samples: list[dict], metric: str, filt: str) -> dict[int, float]:
 def chance(samples: list[dict], config: dict, metric: str) -> Optional[float]:
     """What a model without knowledge scores on one subtask (lm-eval's samples and task config): a uniform guess for
     multiple choice (1/choices; for TruthfulQA's MC2 metric the share of true answers, the probability mass a
-    uniform model puts on them), the most common answer's share for generated answers (exact match). None where
-    neither applies."""
+    uniform model puts on them), for generated answers the share of the most common reference as exact_match compares
+    it (a constant answer's score: a majority baseline). None where neither applies."""
     if not samples:
         return None
     custom = bool(config.get("process_results"))  # the task scores documents its own way
@@ -217,72 +224,89 @@ def chance(samples: list[dict], config: dict, metric: str) -> Optional[float]:
             return float(np.mean([1 / len(s["arguments"]) for s in samples]))
         return None
     if config.get("output_type") == "generate_until" and metric == "exact_match" and not custom:
-        targets = Counter(str(s["target"]).strip() for s in samples)
+        spec = next((m for m in config.get("metric_list") or [] if m.get("metric") == metric), {})
+        targets = Counter(_normalise(str(s["target"]), spec) for s in samples)
         return targets.most_common(1)[0][1] / len(samples)
     return None
 
 
-class _Node:
-    """One task or group of one metric: its bootstrap replicates of both sides, its size and its chance level."""
+def _normalise(text: str, spec: dict) -> str:
+    """A reference as lm-eval's exact_match compares it (its metric_list options), e.g. GSM8K's final number."""
+    import string
 
-    def __init__(self, b, t, size, chance_level):
-        self.b, self.t, self.size, self.chance = b, t, size, chance_level
+    for rx in spec.get("regexes_to_ignore") or []:
+        text = re.sub(rx, "", text)
+    text = text.lower() if spec.get("ignore_case") else text
+    text = text.translate(str.maketrans("", "", string.punctuation)) if spec.get("ignore_punctuation") else text
+    return (text.translate(str.maketrans("", "", string.digits)) if spec.get("ignore_numbers") else text).strip()
+
+
+class _Node:
+    """One task or group of one metric: its bootstrap replicates of both sides, point estimates, size, chance."""
+
+    def __init__(self, b, t, point, size, chance_level):
+        self.b, self.t, self.point, self.size, self.chance = b, t, point, size, chance_level
 
 
 def task_rows(task: str, rb: dict, rt: dict, tm, samples: int, seed: int, **extra) -> dict:
-    """The rows of one task (or group) from lm-eval's results for base (rb) and tuned (rt), each `compact`ed."""
+    """The rows of one task (or group) from lm-eval's results for base (rb) and tuned (rt), each `compact`ed.
+
+    A group's number is lm-eval's: the mean over all its subtasks (at any depth) of their means, weighted by their
+    documents where the group's aggregate_metric_list says weight_by_size. The bootstrap resamples each subtask's
+    documents (the same ones for both sides) and aggregates them the same way, so its CI is of that number; a row
+    whose recomputation disagrees with lm-eval's number becomes an error row instead."""
     tree = rb.get("group_subtasks", {})
     hib = {n: h for per in rb.get("higher_is_better", {}).values() for n, h in per.items()}
+    if task not in rb["results"]:
+        return {f"lm_eval_{task}": stats.error(f"lm-eval reported no number for {task} (a tag? name a task or group)")}
     out = {}
     for key, value in rb["results"][task].items():
         metric, _, filt = key.partition(",")
         if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
-        nodes: dict[str, _Node] = {}
+        row_name, higher = _name(task, metric, filt), bool(hib.get(metric, True))
+        leaves = {}
         rng = np.random.default_rng(seed)
-
-        def node(name: str) -> Optional[_Node]:
-            if name in nodes:
-                return nodes[name]
-            if name in rb.get("samples", {}):  # a leaf: resample its documents, the same ones for both sides
-                db, dt = _docs(rb["samples"][name], metric, filt), _docs(rt["samples"][name], metric, filt)
-                ids = sorted(set(db) & set(dt))
-                if not ids:
-                    return None
+        for leaf in [task] if task in rb["samples"] else [n for n in _below(task, tree) if n in rb["samples"]]:
+            db, dt = _docs(rb["samples"][leaf], metric, filt), _docs(rt["samples"][leaf], metric, filt)
+            ids = sorted(set(db) & set(dt))
+            if ids:
                 b, t = np.array([db[i] for i in ids]), np.array([dt[i] for i in ids])
                 idx = rng.integers(0, len(ids), size=(samples, len(ids)))
-                n = _Node(b[idx].mean(axis=1), t[idx].mean(axis=1), len(ids), rb["chance"][name].get(key))
-                n.point = (b.mean(), t.mean())
-            else:  # a group: its children's replicates combined with lm-eval's weights
-                kids = [k for k in (node(child) for child in tree.get(name, [])) if k is not None]
-                if not kids:
-                    return None
-                w = np.array([k.size if _by_size(tm, name, metric) else 1.0 for k in kids], dtype=float)
+                leaves[leaf] = _Node(b[idx].mean(axis=1), t[idx].mean(axis=1), (b.mean(), t.mean()), len(ids),
+                                     rb["chance"][leaf].get(key))
 
-                def mix(values):
-                    return sum(wi * v for wi, v in zip(w, values)) / w.sum()
-
-                levels = [k.chance for k in kids]
-                n = _Node(mix([k.b for k in kids]), mix([k.t for k in kids]), sum(k.size for k in kids),
-                          None if None in levels else float(mix(levels)))
-                n.point = (mix([k.point[0] for k in kids]), mix([k.point[1] for k in kids]))
-            nodes[name] = n
-            return n
-
-        top = node(task)
-        if top is None:
+        if not leaves:  # e.g. a corpus-level metric (BLEU, F1) whose documents carry no score of their own
+            out[row_name] = stats.error(f"lm-eval's {key} of {task} has no per-document scores to pair")
             continue
-        if abs(top.point[0] - value) > 1e-6:  # the bootstrap must be of the number lm-eval reports
-            raise LlmftError(f"lm-eval task {task}: {key} recomputed from its documents is {top.point[0]:.6f}, "
-                             f"lm-eval reports {value:.6f}; the group's aggregation is not understood")
-        row_name = _name(task, metric, filt)
-        higher = bool(hib.get(metric, True))
-        out[row_name] = _row(top, float(value), float(rt["results"][task][key]), higher, **extra)
-        for sub in _below(task, tree):
-            n = nodes.get(sub)
-            if n is not None and key in rb["results"].get(sub, {}):
-                out[f"{row_name}/{alias_of(task, sub, rb['results'][sub])}"] = _row(
-                    n, float(rb["results"][sub][key]), float(rt["results"][sub][key]), higher)
+
+        def node(name: str) -> Optional[_Node]:
+            if name in leaves:
+                return leaves[name]
+            kids = [leaves[n] for n in _below(name, tree) if n in leaves]
+            if not kids:
+                return None
+            w = np.array([k.size if _by_size(tm, name, metric) else 1.0 for k in kids], dtype=float)
+
+            def mix(values):
+                return sum(wi * v for wi, v in zip(w, values)) / w.sum()
+
+            levels = [k.chance for k in kids]
+            return _Node(mix([k.b for k in kids]), mix([k.t for k in kids]), tuple(mix([k.point[i] for k in kids])
+                                                                                 for i in (0, 1)),
+                         sum(k.size for k in kids), None if None in levels else float(mix(levels)))
+
+        for name in [task, *_below(task, tree)]:
+            n, mine = node(name), rb["results"].get(name, {})
+            if n is None or key not in mine:
+                continue
+            label = row_name if name == task else f"{row_name}/{alias_of(task, name, mine)}"
+            if abs(n.point[0] - mine[key]) > 1e-6:  # the bootstrap must be of the number lm-eval reports
+                out[label] = stats.error(f"lm-eval's {key} of {name} is {mine[key]:.6f}; its documents' scores give "
+                                         f"{n.point[0]:.6f} (a metric that is not a mean over documents?)")
+                continue
+            out[label] = _row(n, float(mine[key]), float(rt["results"][name][key]), higher,
+                              **(extra if name == task else {"group": True} if name in tree and tree[name] else {}))
     return out
 
 

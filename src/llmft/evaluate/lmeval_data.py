@@ -64,8 +64,9 @@ def leaves(tm, name: str) -> list[str]:
         return sorted(entry.tags)
     if entry.kind == Kind.GROUP:
         out = []
-        for child in entry.cfg["task"]:
-            out += leaves(tm, child) if isinstance(child, str) else [child["task"]]
+        for child in entry.cfg["task"]:  # a name, or a task or group defined inline (left as it is)
+            out += leaves(tm, child) if isinstance(child, str) else [child["task"]] if isinstance(child.get("task"), str) \
+                else []
         return out
     return [name]
 
@@ -73,7 +74,8 @@ def leaves(tm, name: str) -> list[str]:
 def write_tasks(tasks: list[str], data_dir: str, out_dir: str | Path, include_path: Optional[str] = None) -> Path:
     """Write one override YAML per leaf task of `tasks` into out_dir (replaced whole); returns out_dir.
 
-    A leaf whose dataset is not on the hub (a local task, `dataset_path: json`) is left as it is."""
+    A leaf whose dataset is not on the hub (a local task, `dataset_path: json`) or that a group defines inline is
+    left as it is."""
     from lm_eval.tasks import TaskManager
 
     tm = _quiet(lambda: TaskManager(include_path=include_path) if include_path else TaskManager())
@@ -83,10 +85,10 @@ def write_tasks(tasks: list[str], data_dir: str, out_dir: str | Path, include_pa
     overrides = {}
     for task in tasks:
         for leaf in leaves(tm, task):
-            entry = tm.task_index[leaf]
-            cfg = entry.cfg or {}
+            entry = tm.task_index.get(leaf)
+            cfg = (entry.cfg if entry else None) or {}
             source = cfg.get("dataset_path")
-            if not source or source in ("json", "csv", "parquet", "text") or entry.yaml_path is None:
+            if not source or source in ("json", "csv", "parquet", "text") or entry is None or entry.yaml_path is None:
                 continue
             files = {}
             for key in SPLITS:
