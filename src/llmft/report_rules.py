@@ -259,8 +259,9 @@ def _reasoning(r: dict) -> list[str]:
     if not rows:
         return []
     by = {k: [(n, row) for n, row in rows if verdict(row) == k] for k in ("worse", "better", "ns", "few", "none")}
-    docs = ", ".join(f"{_e(n)} (n = {count(row['n'])})" for n, row in rows)
-    out = [f"lm-eval's own task definitions ran on {docs}."]
+    ns = sorted(row["n"] for _, row in rows)
+    span_n = count(ns[0]) if ns[0] == ns[-1] else f"{count(ns[0])}–{count(ns[-1])}"
+    out = [f"lm-eval's own task definitions give {len(rows)} metrics on {span_n} documents each (Section 5.1)."]
     if by["worse"]:
         out.append("The tuned model is significantly worse on " + "; ".join(_row_text(n, row) for n, row in by["worse"])
                    + ": the 95% CI of Δ excludes 0 on the worse side.")
