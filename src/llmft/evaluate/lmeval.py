@@ -9,7 +9,8 @@ Each metric of a task gets one row whose base and tuned are lm-eval's own number
 as lm-eval aggregates it), and `<row>/<subtask>` rows for each subgroup and subtask. The 95% CI of the delta is a
 paired bootstrap over documents from `log_samples`, stratified by subtask and aggregated with the group's own
 weights, so the interval is of the number lm-eval reports. `cli` in each row is lm-eval's own command for the base
-side's numbers.
+side's numbers (tools/lm_eval_truth.py runs them and compares). Each task's scores per side are kept in
+paths.lm_eval_cache under a key of what decides them, so a killed evaluate resumes at the first unfinished task.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import LlmftError
 from ..io import write_json
 from . import candidates as cands
 from . import stats
