@@ -36,7 +36,8 @@ def commands(table: dict) -> dict[str, str]:
     out = {}
     for name, row in table.items():
         if "/" not in name and "cli" in row:
-            out[shlex.split(row["cli"])[shlex.split(row["cli"]).index("--tasks") + 1]] = row["cli"]
+            args = shlex.split(row["cli"])
+            out[args[args.index("--tasks") + 1]] = row["cli"]
     return out
 
 

@@ -140,7 +140,7 @@ def merge_agrees(c: cands.Candidates, prompts: list[str], merge=None, answers: d
     if not merged:
         return _not_run("generate.merged left the model unmerged (4-bit base layers, or too little host memory)")
     r = _compare(c, got, answers)
-    if r["agreement"] < MIN_AGREEMENT or r["as_base"] > r["as_tuned"]:
+    if _disagrees(r):
         raise AdapterCheckError(f"merging the adapter at {c.adapter} changes its answers: {_agreed(r, len(got))} "
                                 f"greedy answers merged equal the unmerged ones (at least {MIN_AGREEMENT:.0%} must)"
                                 f"{_as_base(r, 'the merged model')}; the tuned side, which answers merged on a GPU, "
@@ -162,12 +162,17 @@ def endpoint_agrees(c: cands.Candidates, convs: list[cands.Conversation], answer
         return {"status": "passed", "endpoint": c.endpoint, "agreement": None, "same_as_base": same,
                 "note": f"no adapter in process to compare with ({c.cfg.paths.adapter} holds none)"}
     r = _compare(c, got, answers)
-    if r["agreement"] < MIN_AGREEMENT or r["as_base"] > r["as_tuned"]:
+    if _disagrees(r):
         raise AdapterCheckError(f"the endpoint {c.endpoint} does not serve the adapter at {c.adapter}: "
                                 f"{_agreed(r, len(got))} of its greedy answers equal the adapter's in process (at "
                                 f"least {MIN_AGREEMENT:.0%} must){_as_base(r, 'it')}. It serves the base model or "
                                 "another one, or another template (data.template, data.system_prompt)")
     return _unless_vacuous({"status": "passed", "endpoint": c.endpoint, **r}, len(got))
+
+
+def _disagrees(r: dict) -> bool:
+    """The one rule for merged and served answers: too few equal the adapter's, or more are the base's."""
+    return r["agreement"] < MIN_AGREEMENT or r["as_base"] > r["as_tuned"]
 
 
 def _unless_vacuous(result: dict, n: int) -> dict:
