@@ -13,8 +13,8 @@ higher_is_better}, "<metric>/<category>": ..., "<benchmark>": {status: skipped|e
 table.md, generated answers and judgments under `paths.eval_dir`/outputs (in alpaca_eval's and FastChat's
 formats, which evaluate.outputs reads back), meta.json (runtime, where each side's answers came from, the
 adapter checks, the judge's requests, retries, failures by kind and cache hits), the headline numbers (base,
-tuned, delta of each top-level metric) to `paths.eval_metrics` for DVC, charts under `paths.eval_plots`, and logs
-it all to the pipeline's MLflow run. Which benchmarks exist, and how each runs, is the table in benchmarks.py.
+tuned, delta and its 95% CI of each top-level metric) to `paths.eval_metrics` for DVC, charts under
+`paths.eval_plots`, and logs it all to the pipeline's MLflow run. Which benchmarks exist, and how each runs, is the table in benchmarks.py.
 Judge-based benchmarks without a judge are recorded as skipped; a benchmark that fails or yields no result (an
 unreachable judge, no parsable judgment) is recorded as an error, the summary line starts with FAILED and
 names it, and the stage exits non-zero after writing everything (finished judgments are cached: a rerun
