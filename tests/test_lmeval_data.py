@@ -190,3 +190,30 @@ def test_a_nested_group_is_the_mean_over_all_its_subtasks():
     assert rows["lm_eval_mmlu_acc"]["base"] == pytest.approx(5 / 10) and rows["lm_eval_mmlu_acc"]["n"] == 10
     assert rows["lm_eval_mmlu_acc/stem"]["group"] and rows["lm_eval_mmlu_acc/stem"]["n"] == 8
     assert "group" not in rows["lm_eval_mmlu_acc/anatomy"] and rows["lm_eval_mmlu_acc/anatomy"]["n"] == 3
+
+
+def test_worker_processes_score_what_one_process_scores(tmp_path, tiny_model_dir, capfd):
+    """evaluate.lm_eval_jobs=2: each task x side runs in a worker process of its own, which leaves its result in the
+    cache; the rows evaluate builds from them equal those of one process."""
+    import shutil
+
+    from llmft.evaluate import candidates
+
+    tasks = shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tasks")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
+
+    def table(root, jobs):
+        cfg = project_config(root, "evaluate.benchmarks=[lm_eval]", "evaluate.lm_eval_tasks=[llmft_tiny_qa]",
+                             f"evaluate.lm_eval_include_path={tasks}", "evaluate.lm_eval_limit=4",
+                             "evaluate.bootstrap_samples=100", f"evaluate.lm_eval_jobs={jobs}",
+                             "register.metric=lm_eval_llmft_tiny_qa_acc.tuned", model=tiny_model_dir, adapter=adapter)
+        out = lmeval.run(candidates.load(cfg))
+        return out, capfd.readouterr().out
+
+    one, log = table(tmp_path / "one", 1)
+    assert "at a time" not in log and "read back" not in log
+    two, log = table(tmp_path / "two", 2)
+    assert "2 task x side runs, 2 at a time" in log
+    assert log.count("llmft_tiny_qa [base] 4 documents") == 1 and log.count("llmft_tiny_qa [tuned] 4 documents") == 1
+    assert log.count("read back") == 2  # evaluate itself scored nothing: the workers did
+    assert two == one

@@ -511,6 +511,10 @@ class EvaluateConfig:
     lm_eval_batch_size: Optional[int | str] = None
     """lm-eval's batch size: a number, "auto" (lm-eval finds the largest that fits, once per task), or null for
     evaluate.generation.batch_size."""
+    lm_eval_jobs: int = 1
+    """lm-eval runs (task x side) scored at once, each in its own process with its own copy of the weights: lm-eval
+    builds requests and tokenises on one CPU core, so a small model leaves the GPU mostly idle. 1: one at a time, in
+    the evaluate process. The numbers do not depend on it."""
     bootstrap_samples: int = 1000
     """Paired bootstrap resamples for the 95% CIs."""
     seed: int = 42
@@ -536,6 +540,7 @@ class EvaluateConfig:
         bs = self.lm_eval_batch_size
         yield "lm_eval_batch_size", bs is None or (isinstance(bs, int) and bs >= 1) or bs == "auto", \
             "must be >= 1, \"auto\" or null"
+        yield "lm_eval_jobs", self.lm_eval_jobs >= 1, "must be >= 1"
         data = self.lm_eval_data
         yield "lm_eval_data", data is None or "lm_eval" not in self.benchmarks or Path(data).is_dir(), \
             f"{data} is not a directory"

@@ -11,6 +11,8 @@ paired bootstrap over documents from `log_samples`, stratified by subtask and ag
 weights, so the interval is of the number lm-eval reports. `cli` in each row is lm-eval's own command for the base
 side's numbers (tools/lm_eval_truth.py runs them and compares). Each task's scores per side are kept in
 paths.lm_eval_cache under a key of what decides them, so a killed evaluate resumes at the first unfinished task.
+With evaluate.lm_eval_jobs > 1 the task x side runs not yet cached are scored that many at a time in worker processes
+(lmeval_worker.py), which leave their results in that cache; the rows are then built from it as above.
 """
 from __future__ import annotations
 
@@ -80,8 +82,20 @@ def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | s
     return " ".join(parts)
 
 
-def _run_tasks(c: cands.Candidates, tm, lm, side: str, keys: dict, results: dict, errors: dict) -> None:
-    """Every task for one side, one at a time: a task that cannot load becomes an error, the others still run; a
+def cache_file(cfg, task: str, side: str) -> Path:
+    return Path(cfg.paths.lm_eval_cache) / f"{task}.{side}.json"
+
+
+def cached(cfg, task: str, side: str, key: str) -> Optional[dict]:
+    """The compact result of `task` for `side` scored under `key`, or None."""
+    path = cache_file(cfg, task, side)
+    done = json.loads(path.read_text()) if path.exists() else {}
+    return done["result"] if done.get("key") == key else None
+
+
+def _run_tasks(c: cands.Candidates, tm, lm, side: str, tasks: list[str], keys: dict, results: dict,
+               errors: dict) -> None:
+    """`tasks` for one side, one at a time: a task that cannot load becomes an error, the others still run; a
     task already scored under the same key (lm_eval_cache) is read back."""
     import logging
     import time
@@ -93,13 +107,12 @@ def _run_tasks(c: cands.Candidates, tm, lm, side: str, keys: dict, results: dict
     level = log.level
     log.setLevel(logging.ERROR)  # a warning per subtask ("Overwriting default num_fewshot ...") and per long prompt
     try:
-        for task in e.lm_eval_tasks:
+        for task in tasks:
             if task in errors:
                 continue
-            cache = Path(c.cfg.paths.lm_eval_cache) / f"{task}.{side}.json"
-            done = json.loads(cache.read_text()) if cache.exists() else {}
-            if done.get("key") == keys[task, side]:
-                results[task][side] = done["result"]
+            cache = cache_file(c.cfg, task, side)
+            if (done := cached(c.cfg, task, side, keys[task, side])) is not None:
+                results[task][side] = done
                 print(f"evaluate: lm_eval {task} [{side}] read back from {cache}", flush=True)
                 continue
             start = time.time()
@@ -170,16 +183,18 @@ def run(c: cands.Candidates, judge=None) -> dict:
     tm = lmeval_data.task_manager(include)
     results: dict[str, dict] = {t: {} for t in e.lm_eval_tasks}
     errors: dict[str, str] = {}
-    batch = e.lm_eval_batch_size or e.generation.batch_size
+    batch = batch_size(cfg)
     weight = next(c.model.parameters())
     dtype, device = str(weight.dtype).removeprefix("torch."), str(weight.device)
     commands = {task: cli(cfg, task, c.base_path, dtype, device, batch, include) for task in e.lm_eval_tasks}
     write_json(Path(cfg.paths.eval_dir) / COMMANDS, commands)  # tools/lm_eval_truth.py --wait starts on this
     keys = _keys(c, commands)
+    if e.lm_eval_jobs > 1:
+        _in_workers(cfg, keys, include)
     lm = _hflm(c, batch)
     for side in cands.SIDES:
         with cands.as_side(c, side):
-            _run_tasks(c, tm, lm, side, keys, results, errors)
+            _run_tasks(c, tm, lm, side, e.lm_eval_tasks, keys, results, errors)
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
@@ -200,6 +215,41 @@ def run(c: cands.Candidates, judge=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ rows
+def batch_size(cfg) -> int | str:
+    return cfg.evaluate.lm_eval_batch_size or cfg.evaluate.generation.batch_size
+
+
+def _in_workers(cfg, keys: dict, include: list[str]) -> None:
+    """Score the task x side runs missing from lm_eval_cache in evaluate.lm_eval_jobs worker processes at once, in
+    the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed). A run a worker could not
+    finish is left uncached: evaluate scores it again itself, and its failure becomes the task's error row."""
+    import subprocess
+    import sys
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    from ..config import to_dict
+
+    e = cfg.evaluate
+    todo = [(t, s) for t in e.lm_eval_tasks for s in cands.SIDES if cached(cfg, t, s, keys[t, s]) is None]
+    if len(todo) < 2:
+        return
+    print(f"evaluate: lm_eval {len(todo)} task x side runs, {min(e.lm_eval_jobs, len(todo))} at a time", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        params = Path(tmp) / "params.yaml"  # the config in effect, overrides applied
+        params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+        def one(run: tuple[str, str]) -> None:
+            task, side = run
+            subprocess.run([sys.executable, "-m", "llmft.evaluate.lmeval_worker", str(params), task, side,
+                            keys[run], json.dumps(include)], check=False)
+
+        with ThreadPoolExecutor(e.lm_eval_jobs) as pool:
+            list(pool.map(one, todo))
+
+
 def _name(task: str, metric: str, filt: str) -> str:
     name = f"lm_eval_{task}_{metric}" + ("" if filt == "none" else f"_{filt}")
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
