@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,3 +218,34 @@ def test_worker_processes_score_what_one_process_scores(tmp_path, tiny_model_dir
     assert log.count("llmft_tiny_qa [base] 4 documents") == 1 and log.count("llmft_tiny_qa [tuned] 4 documents") == 1
     assert log.count("read back") == 2  # evaluate itself scored nothing: the workers did
     assert two == one
+
+
+def test_evaluate_records_lm_evals_own_cli_numbers(tmp_path, tiny_model_dir, capfd):
+    """evaluate.lm_eval_truth: lm-eval's own CLI runs each task's `cli` beside the scoring (here beside two worker
+    processes), every row carries its number, a rerun reads it back, and a row that differs becomes an error row."""
+    import shutil
+
+    from llmft.evaluate import candidates, lmeval_truth
+
+    tasks = shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tasks")
+    cfg = project_config(tmp_path, "evaluate.benchmarks=[lm_eval]", "evaluate.lm_eval_tasks=[llmft_tiny_qa]",
+                         f"evaluate.lm_eval_include_path={tasks}", "evaluate.lm_eval_limit=4",
+                         "evaluate.bootstrap_samples=100", "evaluate.lm_eval_jobs=2", "evaluate.lm_eval_truth=true",
+                         "register.metric=lm_eval_llmft_tiny_qa_acc.tuned", model=tiny_model_dir,
+                         adapter=make_adapter(tiny_model_dir, tmp_path / "adapter", seed=6))
+    table = lmeval.run(candidates.load(cfg))
+    log = capfd.readouterr().out
+    rows = {n: r for n, r in table.items() if n.startswith("lm_eval_")}
+    assert rows and all("status" not in r for r in rows.values()), rows
+    assert all(abs(r["base"] - r["lm_eval_cli"]) < lmeval_truth.TOLERANCE for r in rows.values()), rows
+    assert "llmft_tiny_qa base vs lm-eval's CLI: " in log
+    cli_dir = Path(cfg.paths.eval_dir) / "lm_eval_cli"
+    outputs = sorted(cli_dir.rglob("results_*.json"))
+    assert len(outputs) == 1
+    again = lmeval.run(candidates.load(cfg))
+    assert again == table and sorted(cli_dir.rglob("results_*.json")) == outputs
+
+    theirs = json.loads(outputs[0].read_text())["results"]
+    name = next(iter(rows))
+    theirs["llmft_tiny_qa"][lmeval.metric_key("llmft_tiny_qa", name, theirs["llmft_tiny_qa"])] += 1e-4
+    assert lmeval_truth.check("llmft_tiny_qa", dict(table), theirs, 0)["lm_eval_llmft_tiny_qa_cli"]["status"] == "error"

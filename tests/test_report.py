@@ -391,3 +391,24 @@ def test_reasoning_paragraph_names_degraded_tasks_chance_and_subtasks():
     assert "test_loss" not in text  # the other benchmarks have their own paragraphs
     r["eval"] = {k: v for k, v in r["eval"].items() if not k.startswith("lm_eval_mmlu")}
     assert "No task's metric degraded significantly" in " ".join(report_rules._reasoning(r))
+
+
+def test_extended_evaluation_says_how_far_lm_evals_cli_agrees():
+    """The Extended evaluation's caption: how many lm-eval rows were run through lm-eval's own CLI, and the largest
+    difference; or that none were."""
+    from llmft import report, report_rules
+
+    def row(base, cli=None):
+        out = {"base": base, "tuned": base, "delta": 0.0, "ci95": [-0.01, 0.01], "n": 100, "higher_is_better": True}
+        return {**out, **({"lm_eval_cli": cli} if cli is not None else {})}
+
+    r = {"eval": {"test_loss": row(2.0, 9.0), "lm_eval_arc_challenge_acc": row(0.30, 0.30002),
+                  "lm_eval_mmlu_acc": row(0.40, 0.40), "lm_eval_mmlu_acc/anatomy": row(0.5, 0.50001),
+                  "lm_eval_gsm8k_cli": {"status": "error", "reason": "differs"}}}
+    assert report_rules.truth(r) == (3, 3, pytest.approx(2e-5))  # test_loss is not lm-eval's
+    assert "the base numbers of all 3 rows (subtasks included) agree with what it prints to within 2.0e-05" in \
+        report._truth(r)
+    del r["eval"]["lm_eval_mmlu_acc"]["lm_eval_cli"]
+    assert "of 2 of 3 rows" in report._truth(r)
+    r["eval"] = {k: {x: y for x, y in v.items() if x != "lm_eval_cli"} for k, v in r["eval"].items()}
+    assert report._truth(r) == "These commands were not run here (evaluate.lm_eval_truth)."

@@ -6,7 +6,7 @@
                                                         # evaluate runs its own, then compares once table.json is new
 
 Every lm_eval row of table.json carries `cli`, lm-eval's own command for that task as evaluate ran it (model, dtype,
-device, batch size, seed, shots, limit, include path). This runs each command once, reads the results lm-eval writes,
+device, batch size, seed, shots, limit, include path); evaluate.lm_eval_truth runs them inside evaluate instead. This runs each command once, reads the results lm-eval writes,
 and compares every row and subtask row's base number with lm-eval's. Writes lm_eval_cli/ beside the eval folder
 (lm-eval's own output per task, and comparison.json: {tasks: {task: {command, runtime_s, rows: {row: {llmft,
 lm_eval, abs_diff}}}}, max_abs_diff}) and prints one line per task.
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,46 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from llmft.config import load_config  # noqa: E402
-from llmft.evaluate.lmeval import COMMANDS, alias_of, metric_key  # noqa: E402
+from llmft.errors import LlmftError  # noqa: E402
+from llmft.evaluate.lmeval import COMMANDS  # noqa: E402
+from llmft.evaluate.lmeval_truth import TOLERANCE, commands, compare, run_cli  # noqa: E402
 from llmft.io import write_json  # noqa: E402
-
-
-def commands(table: dict) -> dict[str, str]:
-    """{task: lm-eval command} from the top-level lm_eval rows."""
-    out = {}
-    for name, row in table.items():
-        if "/" not in name and "cli" in row:
-            args = shlex.split(row["cli"])
-            out[args[args.index("--tasks") + 1]] = row["cli"]
-    return out
-
-
-def run_cli(command: str, out_dir: Path) -> tuple[dict, float]:
-    """lm-eval's results ({task or group: {metric,filter: value}}) for one command, and its runtime."""
-    args = shlex.split(command)
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lm_eval", *args[1:], "--output_path", str(out_dir)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"lm-eval failed ({command}):\n{proc.stderr[-3000:]}")
-    found = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(found[-1].read_text())["results"], time.time() - start
-
-
-def compare(task: str, table: dict, theirs: dict) -> dict[str, dict]:
-    """{row: {llmft, lm_eval, abs_diff}} for every row (top and per subtask) of one task."""
-    subs = {alias_of(task, s, theirs[s]): s for s in theirs if s != task}
-    out = {}
-    for name, row in table.items():
-        top, _, sub = name.partition("/")
-        if "base" not in row or not top.startswith(f"lm_eval_{task}_"):
-            continue
-        key = metric_key(task, top, theirs[task])
-        if key is None:
-            continue
-        where = theirs[subs[sub]] if sub else theirs[task]
-        out[name] = {"llmft": row["base"], "lm_eval": where[key], "abs_diff": abs(row["base"] - where[key])}
-    return out
 
 
 def _fresh(path: Path, since: float, every: float = 5) -> Path:
@@ -98,8 +60,11 @@ def main() -> int:
     def run(task):
         return task, run_cli(todo[task], out_root / task)
 
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        ran = dict(pool.map(run, todo))
+    try:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            ran = dict(pool.map(run, todo))
+    except LlmftError as e:
+        raise SystemExit(str(e)) from None
     table = json.loads((_fresh(path, started) if args.wait else path).read_text())
 
     def one(task):
@@ -117,7 +82,7 @@ def main() -> int:
     print(f"lm_eval_truth: {sum(len(r['rows']) for r in record.values())} rows of {len(record)} tasks, largest "
           f"difference {'(a task had none to compare)' if worst is None else f'{worst:.2e}'}; "
           f"{out_root / 'comparison.json'}")
-    return 0 if worst is not None and worst < 5e-5 else 1
+    return 0 if worst is not None and worst < TOLERANCE else 1
 
 
 if __name__ == "__main__":

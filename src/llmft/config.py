@@ -515,6 +515,10 @@ class EvaluateConfig:
     """lm-eval runs (task x side) scored at once, each in its own process with its own copy of the weights: lm-eval
     builds requests and tokenises on one CPU core, so a small model leaves the GPU mostly idle. 1: one at a time, in
     the evaluate process. The numbers do not depend on it."""
+    lm_eval_truth: bool = False
+    """Also run each task's `cli` (lm-eval's own CLI command for the base side) beside the scoring, in the same pool
+    of lm_eval_jobs: each row then carries `lm_eval_cli`, lm-eval's number, and a task whose base numbers differ from
+    it in the 4th decimal gets an error row. One more base-side run per task."""
     bootstrap_samples: int = 1000
     """Paired bootstrap resamples for the 95% CIs."""
     seed: int = 42

@@ -23,7 +23,7 @@ from .data import SPLITS
 from .evaluate.report import VERDICTS, verdict
 from .report_rules import (MIN_N_VERDICT, abstract, at_chance, categories, core, count, discussion, extended,
                            model_name, not_run, num, redact, benchmark_of, results, short_reason, signed, source_name,
-                           span, subtasks)
+                           span, subtasks, truth)
 
 
 def report(cfg: Config) -> Path:
@@ -391,7 +391,7 @@ def _extended(doc: _Doc) -> list:
                  "over documents, stratified by subtask. Chance is a uniform guess over the choices (TruthfulQA MC2: "
                  "the true answers' share), or a constant answer's score for generated answers (the most common "
                  "reference); * marks a score "
-                 "whose CI reaches it. Each row's exact lm-eval command is in table.json.")]
+                 "whose CI reaches it. Each row's exact lm-eval command is in table.json. " + _truth(r))]
     out.append(doc.table("lm-eval tasks, base vs tuned (subtasks: significantly worse / better of all).",
                          ["task / metric", "shots", "n", "chance", "base", "tuned", "Δ", "95% CI of Δ", "subtasks",
                           "verdict"], rows,
@@ -403,6 +403,15 @@ def _extended(doc: _Doc) -> list:
     out.append(doc.figure(png, 5.2, "Tuned − base on each lm-eval task with its 95% CI (green: tuned better, red: "
                           "worse, grey: the CI contains 0)."))
     return out
+
+
+def _truth(r: dict) -> str:
+    rows, checked, worst = truth(r)
+    if not checked:
+        return "These commands were not run here (evaluate.lm_eval_truth)."
+    some = "all" if checked == rows else f"{checked} of"
+    return (f"Run through lm-eval's own CLI, the base numbers of {some} {rows} rows (subtasks included) agree with "
+            f"what it prints to within {worst:.1e}.")
 
 
 def _registry(reg: dict | None) -> str:

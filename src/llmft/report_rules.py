@@ -118,6 +118,14 @@ def extended(r: dict) -> list[tuple[str, dict]]:
     return [(n, row) for n, row in results(r) if benchmark_of(n) == "lm_eval"]
 
 
+def truth(r: dict) -> tuple[int, int, float | None]:
+    """Of lm-eval's result rows (subtasks included): how many there are, how many carry the number lm-eval's own CLI
+    printed for the base (evaluate.lm_eval_truth), and the largest difference from it."""
+    rows = [row for n, row in r["eval"].items() if benchmark_of(n) == "lm_eval" and is_result(row)]
+    diffs = [abs(row["base"] - row["lm_eval_cli"]) for row in rows if row.get("lm_eval_cli") is not None]
+    return len(rows), len(diffs), max(diffs, default=None)
+
+
 def at_chance(row: dict) -> list[str]:
     """The sides whose 95% CI reaches down to the task's chance level (a uniform guess, or a constant answer's
     score) or below it: scores that do not show the model solving the task."""

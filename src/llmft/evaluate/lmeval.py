@@ -9,24 +9,28 @@ Each metric of a task gets one row whose base and tuned are lm-eval's own number
 as lm-eval aggregates it), and `<row>/<subtask>` rows for each subgroup and subtask. The 95% CI of the delta is a
 paired bootstrap over documents from `log_samples`, stratified by subtask and aggregated with the group's own
 weights, so the interval is of the number lm-eval reports. `cli` in each row is lm-eval's own command for the base
-side's numbers (tools/lm_eval_truth.py runs them and compares). Each task's scores per side are kept in
-paths.lm_eval_cache under a key of what decides them, so a killed evaluate resumes at the first unfinished task.
-With evaluate.lm_eval_jobs > 1 the task x side runs not yet cached are scored that many at a time in worker processes
-(lmeval_worker.py), which leave their results in that cache; the rows are then built from it as above.
+side's numbers: with evaluate.lm_eval_truth, evaluate runs them beside its own scoring and records lm-eval's number
+in each row (lmeval_truth.py); tools/lm_eval_truth.py does the same for a finished table. Each task's scores per side
+are kept in paths.lm_eval_cache under a key of what decides them, so a killed evaluate resumes at the first
+unfinished task. With evaluate.lm_eval_jobs > 1 the task x side runs not yet cached are scored that many at a time in
+worker processes (lmeval_worker.py), which leave their results in that cache; the rows are then built from it.
 """
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..errors import LlmftError
 from ..io import write_json
 from . import candidates as cands
-from . import stats
+from . import lmeval_truth, stats
 
 OFFLINE = ("OfflineModeIsEnabled", "ConnectionError", "LocalEntryNotFound")
 COMMANDS = "lm_eval_commands.json"
@@ -189,12 +193,29 @@ def run(c: cands.Candidates, judge=None) -> dict:
     commands = {task: cli(cfg, task, c.base_path, dtype, device, batch, include) for task in e.lm_eval_tasks}
     write_json(Path(cfg.paths.eval_dir) / COMMANDS, commands)  # tools/lm_eval_truth.py --wait starts on this
     keys = _keys(c, commands)
-    if e.lm_eval_jobs > 1:
-        _in_workers(cfg, keys, include)
-    lm = _hflm(c, batch)
-    for side in cands.SIDES:
-        with cands.as_side(c, side):
-            _run_tasks(c, tm, lm, side, e.lm_eval_tasks, keys, results, errors)
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(e.lm_eval_jobs) as pool:
+        scoring = _in_workers(cfg, keys, include, pool, Path(tmp)) if e.lm_eval_jobs > 1 else []
+        truth = {t: pool.submit(lmeval_truth.cli_results, cfg, t, commands[t], keys[t, "base"])
+                 for t in e.lm_eval_tasks} if e.lm_eval_truth else {}
+        for f in scoring:
+            f.result()
+        lm = _hflm(c, batch)
+        for side in cands.SIDES:
+            with cands.as_side(c, side):
+                _run_tasks(c, tm, lm, side, e.lm_eval_tasks, keys, results, errors)
+        out = _rows(cfg, tm, commands, results, errors)
+        for task, f in truth.items():
+            if task in errors:
+                continue
+            try:
+                out.update(lmeval_truth.check(task, out, *f.result()))
+            except LlmftError as ex:
+                out[f"lm_eval_{task}_cli"] = stats.error(str(ex))
+    return out
+
+
+def _rows(cfg, tm, commands: dict, results: dict, errors: dict) -> dict:
+    e = cfg.evaluate
     out = {}
     for task in e.lm_eval_tasks:
         if task in errors:
@@ -219,14 +240,13 @@ def batch_size(cfg) -> int | str:
     return cfg.evaluate.lm_eval_batch_size or cfg.evaluate.generation.batch_size
 
 
-def _in_workers(cfg, keys: dict, include: list[str]) -> None:
-    """Score the task x side runs missing from lm_eval_cache in evaluate.lm_eval_jobs worker processes at once, in
-    the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed). A run a worker could not
-    finish is left uncached: evaluate scores it again itself, and its failure becomes the task's error row."""
+def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path) -> list:
+    """Submit the task x side runs missing from lm_eval_cache to `pool`, one worker process each (lmeval_worker.py),
+    in the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed); returns their futures. A
+    run a worker could not finish is left uncached: evaluate scores it again itself, and its failure becomes the
+    task's error row."""
     import subprocess
     import sys
-    import tempfile
-    from concurrent.futures import ThreadPoolExecutor
 
     import yaml
 
@@ -235,19 +255,17 @@ def _in_workers(cfg, keys: dict, include: list[str]) -> None:
     e = cfg.evaluate
     todo = [(t, s) for t in e.lm_eval_tasks for s in cands.SIDES if cached(cfg, t, s, keys[t, s]) is None]
     if len(todo) < 2:
-        return
+        return []
     print(f"evaluate: lm_eval {len(todo)} task x side runs, {min(e.lm_eval_jobs, len(todo))} at a time", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        params = Path(tmp) / "params.yaml"  # the config in effect, overrides applied
-        params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    params = tmp / "params.yaml"  # the config in effect, overrides applied
+    params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-        def one(run: tuple[str, str]) -> None:
-            task, side = run
-            subprocess.run([sys.executable, "-m", "llmft.evaluate.lmeval_worker", str(params), task, side,
-                            keys[run], json.dumps(include)], check=False)
+    def one(run: tuple[str, str]) -> None:
+        task, side = run
+        subprocess.run([sys.executable, "-m", "llmft.evaluate.lmeval_worker", str(params), task, side, keys[run],
+                        json.dumps(include)], check=False)
 
-        with ThreadPoolExecutor(e.lm_eval_jobs) as pool:
-            list(pool.map(one, todo))
+    return [pool.submit(one, run) for run in todo]
 
 
 def _name(task: str, metric: str, filt: str) -> str:
