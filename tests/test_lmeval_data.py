@@ -195,16 +195,21 @@ def test_a_nested_group_is_the_mean_over_all_its_subtasks():
 
 def test_worker_processes_score_what_one_process_scores(tmp_path, tiny_model_dir, capfd):
     """evaluate.lm_eval_jobs=2: each task x side runs in a worker process of its own, which leaves its result in the
-    cache; the rows evaluate builds from them equal those of one process."""
+    cache; the rows evaluate builds from them equal those of one process. A task whose worker fails is said so, and
+    scored again by evaluate, where its failure becomes the task's error row."""
     import shutil
 
     from llmft.evaluate import candidates
 
     tasks = shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tasks")
+    qa = (tasks / "tiny_qa.yaml").read_text()
+    (tasks / "tiny_broken.yaml").write_text(qa.replace("task: llmft_tiny_qa", "task: llmft_tiny_broken")
+                                            .replace("tiny_qa.jsonl", "no_such_file.jsonl"))
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
 
     def table(root, jobs):
-        cfg = project_config(root, "evaluate.benchmarks=[lm_eval]", "evaluate.lm_eval_tasks=[llmft_tiny_qa]",
+        cfg = project_config(root, "evaluate.benchmarks=[lm_eval]",
+                             "evaluate.lm_eval_tasks=[llmft_tiny_qa,llmft_tiny_broken]",
                              f"evaluate.lm_eval_include_path={tasks}", "evaluate.lm_eval_limit=4",
                              "evaluate.bootstrap_samples=100", f"evaluate.lm_eval_jobs={jobs}",
                              "register.metric=lm_eval_llmft_tiny_qa_acc.tuned", model=tiny_model_dir, adapter=adapter)
@@ -214,10 +219,11 @@ def test_worker_processes_score_what_one_process_scores(tmp_path, tiny_model_dir
     one, log = table(tmp_path / "one", 1)
     assert "at a time" not in log and "read back" not in log
     two, log = table(tmp_path / "two", 2)
-    assert "2 task x side runs, 2 at a time" in log
+    assert "4 task x side runs, 2 at a time" in log
     assert log.count("llmft_tiny_qa [base] 4 documents") == 1 and log.count("llmft_tiny_qa [tuned] 4 documents") == 1
-    assert log.count("read back") == 2  # evaluate itself scored nothing: the workers did
-    assert two == one
+    assert log.count("read back") == 2  # evaluate itself scored neither side of llmft_tiny_qa: the workers did
+    assert "llmft_tiny_broken [base] worker exited with status 1; evaluate scores it itself" in log
+    assert two["lm_eval_llmft_tiny_broken"]["status"] == "error" and two == one
 
 
 def test_evaluate_records_lm_evals_own_cli_numbers(tmp_path, tiny_model_dir, capfd):

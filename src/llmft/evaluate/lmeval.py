@@ -262,8 +262,11 @@ def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path) -> list:
 
     def one(run: tuple[str, str]) -> None:
         task, side = run
-        subprocess.run([sys.executable, "-m", "llmft.evaluate.lmeval_worker", str(params), task, side, keys[run],
-                        json.dumps(include)], check=False)
+        code = subprocess.run([sys.executable, "-m", "llmft.evaluate.lmeval_worker", str(params), task, side,
+                               keys[run], json.dumps(include)], check=False).returncode
+        if code:  # its own error line is above; a kill (-9: out of memory, most often) leaves none
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            print(f"evaluate: lm_eval {task} [{side}] worker {how}; evaluate scores it itself", flush=True)
 
     return [pool.submit(one, run) for run in todo]
 
