@@ -5,9 +5,9 @@
 unless `--workers` says more. So `predict` runs in many threads at once, and one model per process serves them all.
 
 A `Batcher` owns the model on one worker thread. A request's thread validates its rows, then `submit`s its prompts
-with its generation settings and waits. The worker takes the first waiting request, lets the others join for
-`window_s` (those already waiting join at once) or until the batch holds `max_rows` rows, and runs one generation
-per group of requests with equal settings. Each request gets its own answers, in order. When a group's generation
+with its generation settings and waits. The worker takes the first waiting request and lets others join (those
+already waiting at once) until none has come for `window_s` or the batch holds `max_rows` rows, then runs one
+generation per group of requests with equal settings. Each request gets its own answers, in order. When a group's generation
 raises, its requests run again one by one, so only the one that fails gets the error.
 """
 from __future__ import annotations
@@ -62,12 +62,14 @@ class Batcher:
                      sum(len(r.prompts) for r in batch), len(groups), time.perf_counter() - start)
 
     def _collect(self, first: Request) -> tuple[list[Request], Request | None]:
-        """(the batch `first` opens, the request that arrived but did not fit or None)."""
+        """(the batch `first` opens, the request that arrived but did not fit or None). The batch closes once no
+        request has come for `window_s`: clients answered together come back together, one after another (each
+        parsed under the GIL); a fixed window from the first would catch the first few only. Each request extends
+        the wait by at most `window_s`, so a batch waits at most max_rows x window_s."""
         batch, rows = [first], len(first.prompts)
-        deadline = time.monotonic() + self.window_s
         while rows < self.max_rows:
             try:
-                req = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                req = self.queue.get(timeout=self.window_s)
             except queue.Empty:
                 break
             if rows + len(req.prompts) > self.max_rows:

@@ -577,9 +577,9 @@ class RegisterConfig:
     rows (a larger request is generated alone, this many rows at a time); memory grows with it. 1: one request
     at a time, one row at a time."""
     batch_window_ms: float = 10.0
-    """Served model: how long the generation worker, once it takes a request, waits for more to join its batch
-    (requests already waiting join at once, those with other generation settings in a generation of their own).
-    A lone request waits this long; 0: only requests already waiting join."""
+    """Served model: a batch takes in requests until none has come for this long (requests already waiting join at
+    once; those with other generation settings get a generation of their own in it), so it waits at most
+    max_batch_rows x this. A lone request waits this long; 0: only requests already waiting join."""
 
     def _checks(self) -> Check:
         for key in ("max_request_rows", "max_input_chars", "max_new_tokens_limit", "max_batch_rows"):
