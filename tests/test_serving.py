@@ -49,6 +49,7 @@ def registered(tracking_server, tmp_path_factory, tiny_model_dir):
     cfg = registry_config(root, tracking_server, tiny_model_dir, adapters[0], "served")
     cfg.data.template, cfg.data.system_prompt = "llama2_chat", SYSTEM
     cfg.register.max_request_rows, cfg.register.max_input_chars = 16, 2000
+    cfg.register.batch_window_ms = 100  # requests sent together always make one batch, even on a busy machine
     results = [register_with(cfg, 2.0), register_with(cfg, 2.5, adapters[1]), register_with(cfg, 1.0)]
     return cfg, adapters, results
 
@@ -160,14 +161,14 @@ def batches(log: Path, skip: int, requests_: int) -> list[int]:
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_answers(served):
     url, log = served
-    rows = [[{"instruction": f"Name {i + 1} colours."}] for i in range(5)] + [ROWS, ROWS[1:], [ROWS[2]]]
+    rows = [[{"instruction": f"Name {i + 1} colours."}] for i in range(7)] + [ROWS, ROWS[1:], [ROWS[2]]]
     alone = [serving.query(url, r, progress=False) for r in rows]  # one at a time: each a batch of its own
     seen = len(batches(log, 0, 0))
     responses = together(url, [{"dataframe_records": r} for r in rows])
     assert [r.status_code for r in responses] == [200] * len(rows), [r.text for r in responses]
     assert [r.json()["predictions"] for r in responses] == alone  # left padding: greedy answers as alone
-    sizes = batches(log, seen, len(rows))
-    assert sum(sizes) == len(rows) and max(sizes) > 1, f"requests per batch: {sizes}"
+    # one batch: more requests than MLflow's own request threads (6 on 2 cores) wait in predict at once
+    assert batches(log, seen, len(rows)) == [len(rows)]
 
 
 def test_concurrent_requests_keep_their_own_settings(endpoint, registered, tiny_model_dir):
