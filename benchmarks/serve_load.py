@@ -103,7 +103,7 @@ def drive(url: str, group: int, clients: int, seconds: float, instructions: list
                 j += 1
         return out
 
-    threads = [threading.Thread(target=lambda i=i: results.append(client(i))) for i in range(clients)]
+    threads = [threading.Thread(target=lambda i=i: results.append(client(i)), daemon=True) for i in range(clients)]
     cpu = busy_seconds(group)
     for t in threads:
         t.start()
