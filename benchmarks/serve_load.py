@@ -42,7 +42,7 @@ def champion(work: Path, overrides: list[str], adapter: str | None) -> tuple[str
 
     from llmft import models, registry, tracking
     from llmft.config import load_config, rebased_paths
-    from llmft.train import _lora
+    from llmft.train import peft_config
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     # every artifact under work but the base model's cache: the pipeline's own materialised copy
@@ -54,7 +54,7 @@ def champion(work: Path, overrides: list[str], adapter: str | None) -> tuple[str
 
         adapter = str(work / "adapter")
         model, _ = models.load_with_tokenizer(cfg)
-        get_peft_model(model, _lora(cfg.train)).save_pretrained(adapter)
+        get_peft_model(model, peft_config(cfg.train)).save_pretrained(adapter)
     with tracking.start_run(cfg, new=True):
         result = registry.promote(cfg, adapter, 1.0, "minimize")
     mlflow.set_tracking_uri(None)
@@ -86,21 +86,19 @@ def drive(url: str, group: int, clients: int, seconds: float, instructions: list
     start, stop, results = threading.Barrier(clients), time.monotonic() + seconds, []
 
     def client(i: int) -> list[tuple[bool, float, float]]:
-        out = []
-        with requests.Session() as s:
-            start.wait()
-            j = 0
-            while j == 0 or time.monotonic() < stop:  # at least one request (the warm-up sends only that)
-                body = {"dataframe_records": [{"instruction": instructions[(i * 97 + j) % len(instructions)]}],
-                        "params": {"max_new_tokens": new_tokens, "temperature": 0.0}}
-                t = time.perf_counter()
-                try:
-                    r = s.post(f"{url}/invocations", json=body, timeout=600)
-                    ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
-                except requests.RequestException:
-                    ok = False
-                out.append((ok, t, time.perf_counter()))
-                j += 1
+        out, j = [], 0
+        start.wait()
+        while j == 0 or time.monotonic() < stop:  # at least one request (the warm-up sends only that)
+            body = {"dataframe_records": [{"instruction": instructions[(i * 97 + j) % len(instructions)]}],
+                    "params": {"max_new_tokens": new_tokens, "temperature": 0.0}}
+            t = time.perf_counter()
+            try:
+                r = requests.post(f"{url}/invocations", json=body, timeout=600)
+                ok = r.status_code == 200 and len(r.json()["predictions"]) == 1
+            except requests.RequestException:
+                ok = False
+            out.append((ok, t, time.perf_counter()))
+            j += 1
         return out
 
     threads = [threading.Thread(target=lambda i=i: results.append(client(i)), daemon=True) for i in range(clients)]
