@@ -218,3 +218,14 @@ def test_the_record_speaks_of_configurations_commands_dates_and_commits():
     hits = [str(p.relative_to(ROOT)) for p in files
             if diary.search(str(p.relative_to(ROOT))) or diary.search(p.read_text(errors="replace"))]
     assert hits == []
+
+
+@pytest.mark.slow  # a real `mlflow models serve`
+def test_serve_load_drives_the_served_champion(tmp_path, tiny_model_dir):
+    out = run(BENCH / "serve_load.py", "--set", f"model.base={tiny_model_dir}", "--set", "register.batch_window_ms=200",
+              "--clients", "1", "4", "--seconds", "1",
+              "--work", tmp_path / "work", "--out", tmp_path / "load.json")
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert [(f["clients"], f["failed"], f["requests"] > 0) for f in result["figures"]] == [(1, 0, True), (4, 0, True)]
+    assert re.search(r"^4 clients vs 1: [0-9.]+x requests/s$", out, re.M) and result["environment"]["commit"]
+    assert "batch of 4 requests" in (tmp_path / "work" / "serve.log").read_text()

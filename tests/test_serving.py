@@ -7,6 +7,10 @@ model from the local path recorded in the model.
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,16 +49,22 @@ def registered(tracking_server, tmp_path_factory, tiny_model_dir):
     cfg = registry_config(root, tracking_server, tiny_model_dir, adapters[0], "served")
     cfg.data.template, cfg.data.system_prompt = "llama2_chat", SYSTEM
     cfg.register.max_request_rows, cfg.register.max_input_chars = 16, 2000
+    cfg.register.batch_window_ms = 100  # requests sent together always make one batch, even on a busy machine
     results = [register_with(cfg, 2.0), register_with(cfg, 2.5, adapters[1]), register_with(cfg, 1.0)]
     return cfg, adapters, results
 
 
 @pytest.fixture(scope="module")
-def endpoint(registered, tracking_server, tmp_path_factory):
-    cfg = registered[0]
-    with model_server(f"models:/{cfg.register.model_name}@champion", tracking_server,
-                      tmp_path_factory.mktemp("serve")) as (url, _):
-        yield url
+def served(registered, tracking_server, tmp_path_factory):
+    """(URL, server log) of `mlflow models serve` of the champion."""
+    cfg, work = registered[0], tmp_path_factory.mktemp("serve")
+    with model_server(f"models:/{cfg.register.model_name}@champion", tracking_server, work) as (url, _):
+        yield url, work / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def endpoint(served):
+    return served[0]
 
 
 def in_process(cfg, base: Path, adapter: Path, rows: list[dict], **gen) -> list[str]:
@@ -123,3 +133,67 @@ def test_client_errors_are_clear(endpoint):
         serving.query(endpoint, [{"instruction": "x"}] * 17, batch_size=17, progress=False)
     with pytest.raises(LlmftError, match="unreachable"):
         serving.query(f"http://127.0.0.1:{free_port()}", ROWS, progress=False, timeout=5)
+
+
+# ------------------------------------------------------------------------------------------ concurrent requests
+def together(endpoint: str, bodies: list[dict]) -> list[requests.Response]:
+    """POST each body from a thread of its own, all released at once."""
+    start = threading.Barrier(len(bodies))
+
+    def one(body):
+        start.wait()
+        return requests.post(f"{endpoint}/invocations", data=json.dumps(body), timeout=120,
+                             headers={"Content-Type": "application/json"})
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def batches(log: Path, skip: int, requests_: int) -> list[int]:
+    """Requests per batch in the server log's batch lines after the first `skip`, once they add up to `requests_`
+    (a batch's line comes after its answers have gone out)."""
+    deadline = time.monotonic() + 30
+    while True:
+        sizes = [int(n) for n in re.findall(r"batch of (\d+) requests", log.read_text())][skip:]
+        if sum(sizes) >= requests_ or time.monotonic() > deadline:
+            return sizes
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_answers(served):
+    url, log = served
+    rows = [[{"instruction": f"Name {i + 1} colours."}] for i in range(7)] + [ROWS, ROWS[1:], [ROWS[2]]]
+    alone = [serving.query(url, r, progress=False) for r in rows]  # one at a time: each a batch of its own
+    seen = len(batches(log, 0, 0))
+    responses = together(url, [{"dataframe_records": r} for r in rows])
+    assert [r.status_code for r in responses] == [200] * len(rows), [r.text for r in responses]
+    assert [r.json()["predictions"] for r in responses] == alone  # left padding: greedy answers as alone
+    # one batch: more requests than MLflow's own request threads (6 on 2 cores) wait in predict at once
+    assert batches(log, seen, len(rows)) == [len(rows)]
+
+
+def test_concurrent_requests_keep_their_own_settings(endpoint, registered, tiny_model_dir):
+    cfg, adapters, _ = registered
+    settings = [{}, {"max_new_tokens": 1}, {"temperature": 1.5, "top_p": 0.95}, {"max_new_tokens": 3}, {},
+                {"max_new_tokens": 1}]
+    responses = together(endpoint, [{"dataframe_records": ROWS, "params": p} for p in settings])
+    assert [r.status_code for r in responses] == [200] * len(settings), [r.text for r in responses]
+    # each as it is generated alone in process (the sampled request is the only one with its settings)
+    assert [r.json()["predictions"] for r in responses] == \
+        [in_process(cfg, tiny_model_dir, adapters[1], ROWS, **p) for p in settings]
+
+
+def test_bad_requests_among_concurrent_ones_get_400_alone(served, registered, tiny_model_dir):
+    url, log = served
+    cfg, adapters, _ = registered
+    good = [{"dataframe_records": ROWS[i:i + 1]} for i in range(3)] + [{"dataframe_records": ROWS}]
+    bad = [({"dataframe_records": [{"instruction": "x" * 2001}]}, "2001 characters of input"),
+           ({"dataframe_records": [ROWS[0], {"instruction": "x", "history": "[["}]}, "'history' is not valid JSON"),
+           ({"dataframe_records": ROWS, "params": {"max_new_tokens": 10**6}}, "must be in [1, 2048]")]
+    seen = len(batches(log, 0, 0))
+    responses = together(url, [b for pair in zip(good, [b for b, _ in bad] + [None]) for b in pair if b is not None])
+    good_r, bad_r = responses[0::2], responses[1::2]
+    assert [r.status_code for r in good_r] == [200] * len(good), [r.text for r in good_r]
+    expected = in_process(cfg, tiny_model_dir, adapters[1], ROWS)
+    assert [r.json()["predictions"] for r in good_r] == [expected[:1], expected[1:2], expected[2:], expected]
+    assert [(r.status_code, msg in r.json()["message"]) for r, (_, msg) in zip(bad_r, bad)] == [(400, True)] * len(bad)
+    assert sum(batches(log, seen, len(good))) == len(good), "a bad request never joins a batch"

@@ -581,10 +581,19 @@ class RegisterConfig:
     """Served model: most characters of instruction + context + history in one row; longer gets HTTP 400."""
     max_new_tokens_limit: int = 2048
     """Served model: largest `max_new_tokens` a request may ask for."""
+    max_batch_rows: int = 32
+    """Served model: most rows generated together. Concurrent requests share one generation batch up to this many
+    rows (a larger request is generated alone, this many rows at a time); memory grows with it. 1: one request
+    at a time, one row at a time."""
+    batch_window_ms: float = 10.0
+    """Served model: a batch takes in requests until none has come for this long (requests already waiting join at
+    once; those with other generation settings get a generation of their own in it), so it waits at most
+    max_batch_rows x this. A lone request waits this long; 0: only requests already waiting join."""
 
     def _checks(self) -> Check:
-        for key in ("max_request_rows", "max_input_chars", "max_new_tokens_limit"):
+        for key in ("max_request_rows", "max_input_chars", "max_new_tokens_limit", "max_batch_rows"):
             yield key, getattr(self, key) >= 1, "must be >= 1"
+        yield "batch_window_ms", 0 <= self.batch_window_ms <= 10_000, "must be in [0, 10000]"
         yield "model_name", bool(self.model_name.strip()), "must not be empty"
         yield "alias", bool(re.fullmatch(r"[A-Za-z_][\w-]*", self.alias)), "must be a name (letters, digits, _ and -)"
 

@@ -4,13 +4,19 @@ generates with base + LoRA adapter.
 `mlflow models serve` loads it in a fresh process. Everything it needs is in its artifacts (the
 adapter, `llmft.json`, optionally the base weights) or on a local path recorded in `llmft.json`;
 nothing comes from the hub. Bad requests raise MlflowException(INVALID_PARAMETER_VALUE), which the
-scoring server answers with HTTP 400 and stays up.
+scoring server answers with HTTP 400 and stays up. Valid requests that arrive together share a generation
+batch (batching.py).
 """
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 import math
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pandas as pd
@@ -62,9 +68,39 @@ def check_params(p: dict, limits: dict) -> None:
             raise bad_request(f"param '{name}' = {p[name]!r} {msg}")
 
 
+def _serve_in_threads(max_rows: int) -> None:
+    """Let twice `max_rows` requests wait in `predict` at once (a batch generating while the next one gathers), and
+    log each batch, when called from the scoring server's threads.
+
+    MLflow 3.17's scoring server runs each request's `predict` in `asyncio.to_thread`, on its event loop's default
+    executor: min(32, CPUs + 4) threads, 6 on 2 cores. The other requests wait for a thread before `predict`, so no
+    batch could hold more than 6. uvicorn loads the model before it starts that loop, so the first request (in one
+    of those threads) looks the loop up and gives it a larger default executor, which later requests get.
+    Called where no loop runs in another thread (`mlflow.pyfunc.load_model` in a script), it changes nothing."""
+    try:
+        asyncio.get_running_loop()
+        return  # called in the loop's own thread: not the scoring server
+    except RuntimeError:
+        pass
+    # type(), not isinstance: isinstance reads __class__, which some objects answer with a deprecation warning
+    loops = [o for o in gc.get_objects() if issubclass(type(o), asyncio.AbstractEventLoop) and o.is_running()]
+    if len(loops) != 1:
+        return
+    stock, n = min(32, (os.cpu_count() or 1) + 4), 2 * max_rows
+    loops[0].call_soon_threadsafe(loops[0].set_default_executor, ThreadPoolExecutor(max(n, stock), "llmft-request"))
+    log = logging.getLogger("llmft")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    log.info("serving: %d request threads (MLflow's were %d), batches of up to %d rows", max(n, stock), stock, max_rows)
+
+
 class LlmftModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from llmft import models
+        from llmft.batching import Batcher
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
@@ -74,15 +110,27 @@ class LlmftModel(mlflow.pyfunc.PythonModel):
         cfg = models.config_for(base, **self.meta["model"])
         adapter = context.artifacts["adapter"]
         self.model, self.tok = models.load_with_tokenizer(cfg, adapter)
-        # The scoring server runs requests in threads; generate() flips the shared tokenizer's padding side.
-        self.lock = threading.Lock()
+        # One worker thread generates for every request (generate() also flips the shared tokenizer's padding side).
+        batching = self.meta["batching"]
+        self.batcher = Batcher(self._generate, batching["window_ms"] / 1000, batching["max_rows"])
+        self.setup, self.set_up = threading.Lock(), False
+
+    def _generate(self, prompts: list[str], settings: dict) -> list[str]:
+        from llmft.config import GenerationConfig
+        from llmft.generate import generate
+
+        # the whole batch in one generate call on the plain path (evaluate's batch_size is for its own memory)
+        gen = GenerationConfig(**{**settings, "batch_size": self.meta["batching"]["max_rows"]})
+        return generate(self.model, self.tok, prompts, gen, progress=False)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         # pd.DataFrame: the scoring server's rows; MLflow validates them against the logged signature
-        from llmft.config import GenerationConfig
-        from llmft.generate import generate
         from llmft.templates import render_prompt
 
+        with self.setup:  # the first request sets up the server's threads; the others pass straight through
+            if not self.set_up:
+                _serve_in_threads(self.meta["batching"]["max_rows"])
+                self.set_up = True
         meta, limits = self.meta, self.meta["limits"]
         rows = model_input.to_dict("records")
         if len(rows) > limits["max_rows"]:
@@ -100,6 +148,6 @@ class LlmftModel(mlflow.pyfunc.PythonModel):
             prompts.append(render_prompt(meta["template"], turns, context_, meta["system_prompt"], self.tok))
         settings = {**meta["generation"], **{k: v for k, v in (params or {}).items() if k in PARAMS}}
         check_params(settings, limits)
-        gen = GenerationConfig(**settings)
-        with self.lock:
-            return generate(self.model, self.tok, prompts, gen, progress=False)
+        # Valid: now it may join a batch. Left padding leaves greedy answers as they are alone; a repetition penalty
+        # would also penalise the pad (= EOS) tokens a row is padded with, so such a request generates alone.
+        return self.batcher.submit(prompts, settings, share=settings["repetition_penalty"] == 1.0)

@@ -107,7 +107,8 @@ def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None)
             "model": {"trust_remote_code": cfg.model.trust_remote_code, "allow_pickle": cfg.model.allow_pickle},
             "generation": to_dict(gen),
             "limits": {"max_rows": r.max_request_rows, "max_input_chars": r.max_input_chars,
-                       "max_new_tokens": r.max_new_tokens_limit}}
+                       "max_new_tokens": r.max_new_tokens_limit},
+            "batching": {"max_rows": r.max_batch_rows, "window_ms": r.batch_window_ms}}
     write_json(workdir / pyfunc_model.META, meta)
     artifacts = {"adapter": str(Path(adapter).resolve()), "meta": str(workdir / pyfunc_model.META)}
     if r.log_base_weights:

@@ -217,7 +217,7 @@ def build_trainer(cfg: Config):
          + (f"; speed switches: {', '.join(s.name for s in switches)}" if switches else ""))
     with _quiet_datasets():  # TRL tokenises, adds EOS, truncates and packs each split: a bar apiece, the line above says it
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds,
-                              eval_dataset=eval_ds, processing_class=models.tokenizer(cfg), peft_config=_lora(tc))
+                              eval_dataset=eval_ds, processing_class=models.tokenizer(cfg), peft_config=peft_config(tc))
     if not str(tc.attn_implementation).startswith(("flash", "varlen")):
         trainer.data_collator = _NoVarlenKeys(trainer.data_collator)
     for s in switches:
@@ -276,7 +276,8 @@ def _refuse_under_fsdp(tc, switches) -> None:
         _fsdp_on_cpu()
 
 
-def _lora(tc):
+def peft_config(tc):
+    """PEFT's LoraConfig of train.lora."""
     from peft import LoraConfig
 
     return LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
