@@ -385,12 +385,17 @@ def test_reasoning_paragraph_names_degraded_tasks_chance_and_subtasks():
     text = " ".join(report_rules._reasoning(r))
     assert "significantly worse on <i>lm_eval_mmlu_acc</i> 0.4 → 0.37" in text
     assert "No significant change on <i>lm_eval_truthfulqa_mc2_acc</i>" in text
-    assert "On <i>lm_eval_truthfulqa_mc2_acc</i> both models score at or below chance level (0.448" in text
+    assert ("On <i>lm_eval_truthfulqa_mc2_acc</i> (chance 0.448) both models score at or below chance level (within "
+            "the 95% CI): the task is not solved") in text
     assert "lm_eval_mmlu_acc</i> at or below" not in text  # 0.40 ± 0.02 is clear of 0.25
     assert "significantly worse in 1 of 2 (anatomy)" in text  # stem, a subgroup, is not a subtask
     assert "test_loss" not in text  # the other benchmarks have their own paragraphs
     r["eval"] = {k: v for k, v in r["eval"].items() if not k.startswith("lm_eval_mmlu")}
     assert "No task's metric degraded significantly" in " ".join(report_rules._reasoning(r))
+    r["eval"]["lm_eval_arc_challenge_acc"] = row(0.26, 0.25, [-0.03, 0.01], chance=0.25)  # one sentence for both
+    assert ("On <i>lm_eval_arc_challenge_acc</i> (chance 0.25); <i>lm_eval_truthfulqa_mc2_acc</i> (chance 0.448) both "
+            "models score at or below chance level (within the 95% CI): these tasks are not solved, so their Δ says "
+            "little") in " ".join(report_rules._reasoning(r))
 
 
 def test_extended_evaluation_says_how_far_lm_evals_cli_agrees():
@@ -412,3 +417,6 @@ def test_extended_evaluation_says_how_far_lm_evals_cli_agrees():
     assert "of 2 of 3 rows" in report._truth(r)
     r["eval"] = {k: {x: y for x, y in v.items() if x != "lm_eval_cli"} for k, v in r["eval"].items()}
     assert report._truth(r) == "These commands were not run here (evaluate.lm_eval_truth)."
+    r["eval"]["lm_eval_mmlu_acc"]["lm_eval_cli"] = 0.40
+    assert report._truth(r).endswith("the base numbers of 1 of 3 rows (subtasks included) agree with what it prints "
+                                     "exactly.")

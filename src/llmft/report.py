@@ -395,8 +395,8 @@ def _extended(doc: _Doc) -> list:
     out.append(doc.table("lm-eval tasks, base vs tuned (subtasks: significantly worse / better of all).",
                          ["task / metric", "shots", "n", "chance", "base", "tuned", "Δ", "95% CI of Δ", "subtasks",
                           "verdict"], rows,
-                         [w * 0.22, w * 0.06, w * 0.06, w * 0.06, w * 0.07, w * 0.07, w * 0.08, w * 0.17, w * 0.08,
-                          w * 0.13], right={1, 2, 3, 4, 5, 6, 7}))
+                         [w * 0.20, w * 0.065, w * 0.055, w * 0.075, w * 0.07, w * 0.07, w * 0.09, w * 0.16,
+                          w * 0.08, w * 0.135], right={1, 2, 3, 4, 5, 6, 7}))
     panel = [{"label": n.removeprefix("lm_eval_"), "delta": row["delta"], "lo": row["ci95"][0], "hi": row["ci95"][1],
               "verdict": verdict(row)} for n, row in extended(r)]
     png = plots.category_deltas({"lm-eval tasks": panel}, doc.tmp / "extended.png", cols=1)
@@ -411,7 +411,7 @@ def _truth(r: dict) -> str:
         return "These commands were not run here (evaluate.lm_eval_truth)."
     some = "all" if checked == rows else f"{checked} of"
     return (f"Run through lm-eval's own CLI, the base numbers of {some} {rows} rows (subtasks included) agree with "
-            f"what it prints to within {worst:.1e}.")
+            f"what it prints {'exactly' if worst == 0 else f'to within {worst:.1e}'}.")
 
 
 def _registry(reg: dict | None) -> str:

@@ -284,10 +284,15 @@ def _reasoning(r: dict) -> list[str]:
         out.append("No verdict (too few documents or no estimate): "
                    + ", ".join(f"<i>{_e(n)}</i>" for n, _ in by["few"] + by["none"]) + ".")
     chance = [(n, row, sides) for n, row in rows if (sides := at_chance(row))]
-    for n, row, sides in chance:
-        who = "both models score" if len(sides) == 2 else f"the {sides[0]} model scores"
-        out.append(f"On <i>{_e(n)}</i> {who} at or below chance level ({num(row['chance'])}, within the 95% CI): "
-                   "the task is not solved, so its Δ says little about lost reasoning or knowledge.")
+    for who, group in (("both models score", [c for c in chance if len(c[2]) == 2]),
+                       ("the base model scores", [c for c in chance if c[2] == ["base"]]),
+                       ("the tuned model scores", [c for c in chance if c[2] == ["tuned"]])):
+        if group:
+            listed = "; ".join(f"<i>{_e(n)}</i> (chance {num(row['chance'])})" for n, row, _ in group)
+            one = len(group) == 1
+            out.append(f"On {listed} {who} at or below chance level (within the 95% CI): "
+                       f"{'the task is' if one else 'these tasks are'} not solved, so "
+                       f"{'its' if one else 'their'} Δ says little about lost reasoning or knowledge.")
     for metric, cats in categories(r).items():
         cats = subtasks(cats)
         if benchmark_of(metric) != "lm_eval" or len(cats) < 2:
