@@ -6,8 +6,9 @@
                                                         # evaluate runs its own, then compares once table.json is new
 
 Every lm_eval row of table.json carries `cli`, lm-eval's own command for that task as evaluate ran it (model, dtype,
-device, batch size, seed, shots, limit, include path); evaluate.lm_eval_truth runs them inside evaluate instead. This runs each command once, reads the results lm-eval writes,
-and compares every row and subtask row's base number with lm-eval's. Writes lm_eval_cli/ beside the eval folder
+device, batch size, seed, shots, limit, include path); evaluate.lm_eval_truth runs them inside evaluate instead.
+This runs each command once, reads the results lm-eval writes, and compares every row and subtask row's base number
+with lm-eval's. Writes lm_eval_cli/ beside the eval folder
 (lm-eval's own output per task, and comparison.json: {tasks: {task: {command, runtime_s, rows: {row: {llmft,
 lm_eval, abs_diff}}}}, max_abs_diff}) and prints one line per task.
 Exit status 1 if a number differs in the 4th decimal.

@@ -87,11 +87,12 @@ def cli(cfg, task: str, model: str, dtype: str, device: str, batch_size: int | s
 
 
 def cache_file(cfg, task: str, side: str) -> Path:
+    """Where lm_eval_cache keeps `task` scored for `side` (base, tuned; cli: lm-eval's own CLI, lmeval_truth.py)."""
     return Path(cfg.paths.lm_eval_cache) / f"{task}.{side}.json"
 
 
 def cached(cfg, task: str, side: str, key: str) -> Optional[dict]:
-    """The compact result of `task` for `side` scored under `key`, or None."""
+    """The result kept for `task` and `side` under `key`, or None."""
     path = cache_file(cfg, task, side)
     done = json.loads(path.read_text()) if path.exists() else {}
     return done["result"] if done.get("key") == key else None
@@ -235,7 +236,6 @@ def _rows(cfg, tm, commands: dict, results: dict, errors: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ rows
 def batch_size(cfg) -> int | str:
     return cfg.evaluate.lm_eval_batch_size or cfg.evaluate.generation.batch_size
 
@@ -271,6 +271,7 @@ def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path) -> list:
     return [pool.submit(one, run) for run in todo]
 
 
+# ------------------------------------------------------------------------------------------ rows
 def _name(task: str, metric: str, filt: str) -> str:
     name = f"lm_eval_{task}_{metric}" + ("" if filt == "none" else f"_{filt}")
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)

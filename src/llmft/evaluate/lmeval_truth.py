@@ -45,13 +45,15 @@ def run_cli(command: str, out_dir: Path) -> tuple[dict, float]:
 
 def cli_results(cfg, task: str, command: str, key: str) -> tuple[dict, float]:
     """run_cli for evaluate, its output under paths.eval_dir/lm_eval_cli/<task>, kept in paths.lm_eval_cache under
-    the base side's key (the command, lm-eval's version, the data): a rerun does not run it again."""
-    cache = Path(cfg.paths.lm_eval_cache) / f"{task}.cli.json"
-    done = json.loads(cache.read_text()) if cache.exists() else {}
-    if done.get("key") == key:
+    the base side's key (the command, lm-eval's version, the data) as `<task>.cli.json`: a rerun does not run it
+    again."""
+    from .lmeval import cache_file, cached
+
+    if (done := cached(cfg, task, "cli", key)) is not None:
         return done["results"], done["runtime_s"]
     results, seconds = run_cli(command, Path(cfg.paths.eval_dir) / "lm_eval_cli" / task)
-    write_json(cache, {"key": key, "results": results, "runtime_s": round(seconds, 1)})
+    write_json(cache_file(cfg, task, "cli"),
+               {"key": key, "result": {"results": results, "runtime_s": round(seconds, 1)}})
     return results, seconds
 
 
