@@ -125,12 +125,14 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override for the registered model, e.g. register.batch_window_ms=20")
     ap.add_argument("--adapter", help="a trained PEFT adapter (default: an untrained one of the params' train.lora)")
-    ap.add_argument("--work", help="store, adapter and server log (default: a temporary folder)")
+    ap.add_argument("--work", help="a new folder for the store, adapter and server log (default: a temporary one)")
     ap.add_argument("--out", help="write the results here as JSON")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_load-")).resolve()
+    if (work / "mlflow.db").exists():  # its champion would stay: the new registration is not better
+        sys.exit(f"serve_load: {work} already holds a store (mlflow.db) from an earlier run; pass a new --work folder")
     work.mkdir(parents=True, exist_ok=True)
     uri, name = champion(work, args.overrides, args.adapter)
     rows = [json.loads(line) for line in (ROOT / "src/llmft/assets/sample.jsonl").read_text().splitlines()]
