@@ -195,9 +195,15 @@ def run(c: cands.Candidates, judge=None) -> dict:
     write_json(Path(cfg.paths.eval_dir) / COMMANDS, commands)  # tools/lm_eval_truth.py --wait starts on this
     keys = _keys(c, commands)
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(e.lm_eval_jobs) as pool:
-        scoring = _in_workers(cfg, keys, include, pool, Path(tmp)) if e.lm_eval_jobs > 1 else []
-        truth = {t: pool.submit(lmeval_truth.cli_results, cfg, t, commands[t], keys[t, "base"])
-                 for t in e.lm_eval_tasks} if e.lm_eval_truth else {}
+        truth: dict = {}
+
+        def cli_of(task: str) -> None:  # lm-eval's own CLI on the base, in the same pool
+            if e.lm_eval_truth and task not in truth:
+                truth[task] = pool.submit(lmeval_truth.cli_results, cfg, task, commands[task], keys[task, "base"])
+
+        scoring = _in_workers(cfg, keys, include, pool, Path(tmp), cli_of) if e.lm_eval_jobs > 1 else []
+        for task in e.lm_eval_tasks:
+            cli_of(task)
         for f in scoring:
             f.result()
         lm = _hflm(c, batch)
@@ -240,11 +246,12 @@ def batch_size(cfg) -> int | str:
     return cfg.evaluate.lm_eval_batch_size or cfg.evaluate.generation.batch_size
 
 
-def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path) -> list:
+def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path, then=lambda task: None) -> list:
     """Submit the task x side runs missing from lm_eval_cache to `pool`, one worker process each (lmeval_worker.py),
-    in the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed); returns their futures. A
-    run a worker could not finish is left uncached: evaluate scores it again itself, and its failure becomes the
-    task's error row."""
+    in the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed), calling `then(task)`
+    after each task's runs (lm-eval's CLI for it joins the queue there, so the longest runs start first); returns
+    their futures. A run a worker could not finish is left uncached: evaluate scores it again itself, and its
+    failure becomes the task's error row."""
     import subprocess
     import sys
 
@@ -268,7 +275,11 @@ def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path) -> list:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             print(f"evaluate: lm_eval {task} [{side}] worker {how}; evaluate scores it itself", flush=True)
 
-    return [pool.submit(one, run) for run in todo]
+    futures = []
+    for task in e.lm_eval_tasks:
+        futures += [pool.submit(one, run) for run in todo if run[0] == task]
+        then(task)
+    return futures
 
 
 # ------------------------------------------------------------------------------------------ rows
