@@ -198,12 +198,10 @@ def run(c: cands.Candidates, judge=None) -> dict:
         truth: dict = {}
 
         def cli_of(task: str) -> None:  # lm-eval's own CLI on the base, in the same pool
-            if e.lm_eval_truth and task not in truth:
+            if e.lm_eval_truth:
                 truth[task] = pool.submit(lmeval_truth.cli_results, cfg, task, commands[task], keys[task, "base"])
 
-        scoring = _in_workers(cfg, keys, include, pool, Path(tmp), cli_of) if e.lm_eval_jobs > 1 else []
-        for task in e.lm_eval_tasks:
-            cli_of(task)
+        scoring = _in_workers(cfg, keys, include, pool, Path(tmp), cli_of)
         for f in scoring:
             f.result()
         lm = _hflm(c, batch)
@@ -246,8 +244,9 @@ def batch_size(cfg) -> int | str:
     return cfg.evaluate.lm_eval_batch_size or cfg.evaluate.generation.batch_size
 
 
-def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path, then=lambda task: None) -> list:
-    """Submit the task x side runs missing from lm_eval_cache to `pool`, one worker process each (lmeval_worker.py),
+def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path, then) -> list:
+    """With evaluate.lm_eval_jobs > 1 and two or more runs to do, submit the task x side runs missing from
+    lm_eval_cache to `pool`, one worker process each (lmeval_worker.py),
     in the order of evaluate.lm_eval_tasks (the largest first, as the defaults are listed), calling `then(task)`
     after each task's runs (lm-eval's CLI for it joins the queue there, so the longest runs start first); returns
     their futures. A run a worker could not finish is left uncached: evaluate scores it again itself, and its
@@ -261,11 +260,12 @@ def _in_workers(cfg, keys: dict, include: list[str], pool, tmp: Path, then=lambd
 
     e = cfg.evaluate
     todo = [(t, s) for t in e.lm_eval_tasks for s in cands.SIDES if cached(cfg, t, s, keys[t, s]) is None]
-    if len(todo) < 2:
-        return []
-    print(f"evaluate: lm_eval {len(todo)} task x side runs, {min(e.lm_eval_jobs, len(todo))} at a time", flush=True)
+    if e.lm_eval_jobs < 2 or len(todo) < 2:  # scored in this process; `then` is still called for every task
+        todo = []
     params = tmp / "params.yaml"  # the config in effect, overrides applied
-    params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if todo:
+        print(f"evaluate: lm_eval {len(todo)} task x side runs, {min(e.lm_eval_jobs, len(todo))} at a time", flush=True)
+        params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def one(run: tuple[str, str]) -> None:
         task, side = run
