@@ -7,10 +7,12 @@ random bf16 Llama-2-7B weights, Dolly prompts.
     python benchmarks/generate_fast_bench.py answers --side base --out runs/answers_base.json
 
 `speed`: plain `generate` at batch 32 (the plain path's best at 7B; 64 runs out of memory) and the fast path with its
-batch from free memory, both at --new-tokens (256); random weights almost never emit EOS, so nearly every row runs
-all of them (new tokens are counted exactly). The fast path runs twice over the same prompts: the first pass compiles,
-the second is the steady figure. Then agreement: the fast path's answers to the plain run's 32 prompts, token for
-token, and the same comparison on the tiny fp32 model (must be equal).
+slots from free memory, both at --new-tokens (256); random weights almost never emit EOS, so nearly every row runs
+all of them (new tokens are counted exactly). The fast path runs twice over the same prompts in one process: the
+first pass records the decode step's CUDA graph (no compile), the second is the steady figure. Then agreement: the fast
+path's answers to the plain run's 32 prompts, token for token; `--generate-batch`: transformers' continuous batching
+over the fast run's prompts (warm-up run, then timed); the tiny fp32 model (fast must equal plain); `--smollm2 N`:
+real weights, the embedded SmolLM2 in bf16, plain against fast over N prompts (how many answers are identical).
 `prompts` writes the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2); `answers`: what `evaluate`
 generates with them, timed end to end: AlpacaEval's 805 prompts, MT-Bench turn 1 (80), then turn 2
 (80, each holding its turn-1 answer), at max_new_tokens 1024; `--side tuned` adds a random LoRA adapter
@@ -42,8 +44,8 @@ def prompts(args):
 
 
 class Counter(logging.Handler):
-    """New tokens that reached the answers. The fast path reports each bucket's count on the `llmft.generate` logger
-    (its DEBUG line "... %d new tokens in %.1f s"); plain `generate` calls are counted by their non-pad tokens."""
+    """New tokens that reached the answers. The fast path reports its count on the `llmft.generate` logger (its DEBUG
+    line "slots: ... %d new tokens in %.1f s"); plain `generate` calls are counted by their non-pad tokens."""
 
     def __init__(self, model, tok):
         super().__init__(logging.DEBUG)
@@ -62,7 +64,7 @@ class Counter(logging.Handler):
         log.addHandler(self)
 
     def emit(self, record):
-        if record.getMessage().startswith("bucket of cache length"):
+        if record.getMessage().startswith("slots:"):
             self.n += record.args[3]
 
 
@@ -99,32 +101,85 @@ def speed(args):
     rows = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines() if line.strip()]
     res = {**environment(), "new_tokens": args.new_tokens, "rows": []}
     plain = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=32, fast=False)
+
+    def record(row):
+        res["rows"].append(row)
+        print("RESULT", json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
     if not args.fast_only:
         generate(model, tok, rows[:2], GenerationConfig(max_new_tokens=8, batch_size=2, fast=False), progress=False)
         base_out, r = timed(lambda: generate(model, tok, rows[:32], plain, progress=False), counter)
-        res["rows"].append({"path": "plain generate", "batch": 32, "prompts": len(base_out), **r})
-        print("RESULT", json.dumps(res["rows"][-1]), flush=True)
+        record({"path": "plain generate", "batch": 32, "prompts": len(base_out), **r})
     for n_prompts, fb in args.fast_runs:
         gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb)
         p = (rows * (n_prompts // len(rows) + 1))[:n_prompts]
-        auto = batch_rows(model, 256 + args.new_tokens, gen)
-        # first pass compiles every shape it meets; the second, same prompts, is the steady figure
+        lengths = sorted((len(x) for x in tok(p).input_ids), reverse=True)
+        slots = batch_rows(model, lengths, gen)
+        # the first pass records the decode step's CUDA graph (and warms cuBLAS); the second is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        res["rows"].append({"path": "fast", "fast_batch_size": fb, "auto_batch": auto,
-                            "auto_batch_cache_len": 256 + args.new_tokens, "prompts": n_prompts,
-                            "first_pass_with_compile": r1, **r2, "passes_equal": out1 == out2})
-        print("RESULT", json.dumps(res["rows"][-1]), flush=True)
+        record({"path": "fast", "fast_batch_size": fb, "slots": slots, "cache_tokens": sum(lengths[:slots]) +
+                slots * args.new_tokens, "prompts": n_prompts, "first_pass": r1, **r2, "passes_equal": out1 == out2})
         fast_out = out2[:32]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     if args.fast_only:
         return
     res["agreement_7b_bf16"] = agreement(tok, base_out, fast_out)
     print("RESULT", json.dumps(res["agreement_7b_bf16"]), flush=True)
-    res["tiny_fp32_compiled_equal"] = tiny_check(args)
-    print("RESULT tiny", json.dumps(res["tiny_fp32_compiled_equal"]), flush=True)
+    if args.generate_batch:
+        record(generate_batch(model, tok, (rows * (512 // len(rows) + 1))[:args.fast_runs[0][0]], args.new_tokens,
+                              counter))
+    res["tiny_fp32_equal"] = tiny_check(args)
+    print("RESULT tiny", json.dumps(res["tiny_fp32_equal"]), flush=True)
+    if args.smollm2:
+        del model
+        res["smollm2_bf16_agreement"] = smollm2_check(args, rows)
+        print("RESULT smollm2", json.dumps(res["smollm2_bf16_agreement"]), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+def generate_batch(model, tok, prompts: list[str], new_tokens: int, counter) -> dict:
+    """transformers' continuous batching (`model.generate_batch`: paged cache, its own scheduler) with its defaults,
+    greedy, over the same prompts; last, since it switches the model's attention to its paged variant."""
+    from transformers import GenerationConfig as HFGen
+
+    ids = [list(x) for x in tok(prompts).input_ids]
+    cfg = HFGen(max_new_tokens=new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+    def run():
+        out = model.generate_batch(inputs=ids, generation_config=cfg)
+        counter.n = sum(len(o.generated_tokens) for o in out.values())
+        return out
+
+    try:
+        run()  # warm-up: its CUDA graphs and caches
+        _, r = timed(run, counter)
+        n = counter.n
+        r.update(new_tokens=n, new_tokens_per_s=round(n / r["seconds"]))
+        return {"path": "transformers generate_batch", "prompts": len(ids), **r}
+    except Exception as e:  # noqa: BLE001 - a comparison row, not the subject: say why it is missing
+        return {"path": "transformers generate_batch", "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def smollm2_check(args, rows: list[str]) -> dict:
+    """Real weights: the embedded SmolLM2-135M-Instruct in bf16 on the GPU, greedy, plain generate (batch 32) against
+    the fast path over the same Dolly prompts: how many answers are identical, and where the others part."""
+    from llmft import models
+    from llmft.config import GenerationConfig
+    from llmft.generate import generate
+
+    model, tok = models.load_with_tokenizer(models.config_for("embedded"), dtype="bf16", device=DEVICE)
+    p = (rows * (args.smollm2 // len(rows) + 1))[:args.smollm2]
+    n = 128
+    plain = generate(model, tok, p, GenerationConfig(max_new_tokens=n, batch_size=32, fast=False), progress=False)
+    fast = generate(model, tok, p, GenerationConfig(max_new_tokens=n, fast=True), progress=False)
+    a = agreement(tok, plain, fast)
+    first = a.pop("first_difference_token")
+    parted = sorted(k for k, x, y in zip(first, plain, fast) if x != y)
+    return {"prompts": len(p), "max_new_tokens": n, **a, "identical_rate": round(a["identical"] / len(p), 3),
+            "parted_at_token_median": parted[len(parted) // 2] if parted else None}
 
 
 def agreement(tok, a: list[str], b: list[str]) -> dict:
@@ -156,7 +211,7 @@ def tiny_check(args) -> dict:
     n = min(64, args.new_tokens)
     plain = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=n, batch_size=16, fast=False), progress=False)
     fast = g.generate(model, tok, qs, GenerationConfig(max_new_tokens=n, fast=True, fast_batch_size=16,
-                                                       refill_tokens=max(1, n // 2)), progress=False)
+                                                       refill_tokens=max(1, n // 4)), progress=False)
     return {"prompts": len(qs), "equal": plain == fast, **agreement(tok, plain, fast)}
 
 
@@ -223,13 +278,18 @@ def main():
                                       default=[(512, 0)], help="PROMPTSxFAST_BATCH_SIZE (0: from free memory)")
     sub.choices["speed"].add_argument("--fast-only", action="store_true",
                                       help="only the fast runs: no plain baseline, agreement or tiny-model check")
+    sub.choices["speed"].add_argument("--generate-batch", action="store_true",
+                                      help="also transformers' continuous batching over the first fast run's prompts")
+    sub.choices["speed"].add_argument("--smollm2", type=int, default=0, metavar="N",
+                                      help="also the embedded SmolLM2 (bf16): plain vs fast over N prompts")
     sub.choices["answers"].add_argument("--side", choices=["base", "tuned"], default="base")
     sub.choices["answers"].add_argument("--unmerged", action="store_true", help="tuned: keep the adapter unmerged")
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("llmft.generate").setLevel(logging.DEBUG)  # one line per bucket: batch, tokens, seconds
+    for name in ("llmft.generate", "llmft.slots"):  # a line per generate call (slots, tokens, seconds), per recording
+        logging.getLogger(name).setLevel(logging.DEBUG)
     {"prompts": prompts, "speed": speed, "answers": answers}[args.cmd](args)
 
 

@@ -1,9 +1,9 @@
-"""The fast generation path (length buckets, static cache, refilled rounds) answers exactly as plain batches do."""
+"""The fast generation path (llmft/slots.py: slots refilled as rows finish) answers exactly as plain batches do."""
 from __future__ import annotations
 
 import pytest
 
-from llmft import generate, models, templates
+from llmft import generate, models, slots, templates
 from llmft.config import GenerationConfig, load_config
 from llmft.errors import LlmftError
 
@@ -24,14 +24,13 @@ def _prompts():
 def _both(model, tok, prompts, **fast):
     plain = generate.generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, batch_size=3, fast=False),
                               progress=False)
-    gen = GenerationConfig(**{"max_new_tokens": 24, "fast": True, "bucket_tokens": 16, "refill_tokens": 8,
-                              "fast_batch_size": 2, **fast})
+    gen = GenerationConfig(**{"max_new_tokens": 24, "fast": True, "refill_tokens": 8, "fast_batch_size": 2, **fast})
     return plain, generate.generate(model, tok, prompts, gen, progress=False)
 
 
 def test_fast_path_greedy_equals_plain_in_input_order(model_tok):
-    """Mixed lengths (37 to 242 tokens) in an order that is not by length, several buckets, batches of 2 refilled
-    every 8 tokens: each answer must be plain generate's, at its own index."""
+    """Mixed lengths (37 to 242 tokens) in an order that is not by length, 2 slots refilled every 8 tokens: each
+    answer must be plain generate's, at its own index."""
     model, tok = model_tok
     prompts = _prompts()
     lengths = [len(tok(p).input_ids) for p in prompts]
@@ -40,34 +39,6 @@ def test_fast_path_greedy_equals_plain_in_input_order(model_tok):
     assert len(set(plain)) == len(plain)  # distinct answers, so a mix-up of rows would show
     assert fast == plain
     assert tok.padding_side == "right" and tok.truncation_side == "right"
-
-
-def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model_dir, monkeypatch):
-    """EOS set to a token that the first answer emits early: that row stops in the first round, a queued prompt
-    takes its slot beside rows still going, and every answer is still plain generate's."""
-    
-    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))  # a copy: its EOS changes
-    prompts = _prompts()
-    enc = tok(prompts[:1], return_tensors="pt")
-    first = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:]
-    stop = int(first[3])  # the 4th token of the first answer becomes EOS
-    tok.eos_token = tok.convert_ids_to_tokens(stop)
-    assert tok.eos_token_id == stop
-    rounds = []
-    real_round = generate._round
-
-    def spy(model, tok, seqs, *a, **k):
-        rounds.append(seqs)
-        return real_round(model, tok, seqs, *a, **k)
-
-    monkeypatch.setattr(generate, "_round", spy)
-    plain, fast = _both(model, tok, prompts, fast_batch_size=3)
-    assert fast == plain
-    ended = [a for a in plain if len(tok(a).input_ids) < 12]
-    assert ended and len(ended) < len(plain)  # some rows ended early, others ran to max_new_tokens
-    fresh = [list(x) for x in tok(prompts).input_ids]
-    # a later round holds a queued prompt (its ids alone) beside a row carried over (prompt + answer so far)
-    assert any(any(s in fresh for s in seqs) and any(s not in fresh for s in seqs) for seqs in rounds[1:])
 
 
 def _answers(model, tok, prompts, n=24) -> list[list[int]]:
@@ -80,115 +51,109 @@ def _answers(model, tok, prompts, n=24) -> list[list[int]]:
     return out
 
 
-def test_rows_padded_to_the_batch_answer_as_plain(model_tok, tiny_model_dir, monkeypatch):
-    """On a GPU every round is padded to the batch's row count with copies of its first row (one compiled shape);
-    forced here on the CPU, with rows that stop early and refills, each answer is still plain generate's."""
-    
-    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))
+class Spy:
+    """Records the decoder's slot capacities and every prefill: [(slot, prompt ids)] with the slots live then."""
+
+    def __init__(self, monkeypatch):
+        self.caps, self.prefills = [], []
+        init, prefill = slots.Decoder.__init__, slots.Decoder.prefill
+
+        def spy_init(dec, model, caps, *a, **k):
+            self.caps.append(list(caps))
+            init(dec, model, caps, *a, **k)
+
+        def spy_prefill(dec, entries):
+            self.prefills.append(([(j, list(seq)) for j, seq in entries], dec.live.tolist()))
+            return prefill(dec, entries)
+
+        monkeypatch.setattr(slots.Decoder, "__init__", spy_init)
+        monkeypatch.setattr(slots.Decoder, "prefill", spy_prefill)
+
+
+def _eos_at(tok, model, prompt, k):
+    """A tokenizer copy's EOS set to the k-th token of `prompt`'s greedy answer, so that row ends early."""
+    tok.eos_token = tok.convert_ids_to_tokens(_answers(model, tok, [prompt])[0][k])
+
+
+def test_rows_that_stop_early_leave_and_their_slots_refill(model_tok, tiny_model_dir, monkeypatch):
+    """EOS set to a token that the first answer emits early: that row stops in the first round, a queued prompt
+    takes its slot beside rows still decoding, and every answer is still plain generate's."""
+    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))  # a copy: its EOS changes
     prompts = _prompts()
-    tok.eos_token = tok.convert_ids_to_tokens(_answers(model, tok, prompts[:1])[0][3])
-    monkeypatch.setattr(generate, "_pads", lambda device: True)
+    _eos_at(tok, model, prompts[0], 3)
+    spy = Spy(monkeypatch)
     plain, fast = _both(model, tok, prompts, fast_batch_size=3)
     assert fast == plain
+    ended = [a for a in plain if len(tok(a).input_ids) < 12]
+    assert ended and len(ended) < len(plain)  # some rows ended early, others ran to max_new_tokens
+    # a later prefill fills a slot while another slot's row goes on decoding (live), not read again
+    assert any(sum(live) > 0 and all(live[j] == 0 for j, _ in entries) for entries, live in spy.prefills[1:])
 
 
-def test_a_round_ends_when_its_live_rows_do(model_tok, tiny_model_dir, monkeypatch):
-    """Two rows in one batch, EOS a token both answers hold: the first row stops in an earlier round and its slot
-    idles; the second stops inside a later round, which must end there, not run on for the idle slot."""
-    
-    model, tok = model_tok[0], models.tokenizer(models.config_for(tiny_model_dir))
+def test_each_prompt_is_read_once_into_a_slot_that_holds_it(model_tok, monkeypatch):
+    """Prefills read each prompt's own tokens once (rows already decoding are never read again); slots are as long
+    as the longest prompts + max_new_tokens, and every prompt goes into a slot that holds it and its answer."""
+    model, tok = model_tok
     prompts = _prompts()
-    ans = _answers(model, tok, prompts)
-    case = next(((i, j, t, b.index(t), r) for i, a in enumerate(ans) for t in a for j, b in enumerate(ans)
-                 for r in range(2, 9) if j != i and t in b and a.index(t) // r < b.index(t) // r
-                 and b.index(t) % r != r - 1 and b.index(t) <= 21), None)
-    assert case, "no token ends one answer a round before another's (the tiny model changed?)"
-    i, j, eos, at, refill = case
-    tok.eos_token = tok.convert_ids_to_tokens(eos)
-    steps = []
-    real_round = generate._round
-
-    def spy(*a, **k):
-        more, state = real_round(*a, **k)
-        steps.append(len(more[0]))
-        return more, state
-
-    monkeypatch.setattr(generate, "_round", spy)
-    plain, fast = _both(model, tok, [prompts[i], prompts[j]], fast_batch_size=2, refill_tokens=refill)
-    assert fast == plain
-    assert sum(steps) == at + 1  # decode steps: up to the second row's EOS, none after
-
-
-def test_rounds_with_nothing_queued_go_on_in_the_same_cache(model_tok, monkeypatch):
-    """One batch holds every prompt, so no slot is ever refilled: after the first round the rows go on from the
-    last round's cache (no second prefill), and the answers are still plain generate's."""
-    model, tok = model_tok
-    fresh = []
-    real_round = generate._round
-
-    def spy(*a, **k):
-        fresh.append(k.get("state", a[8] if len(a) > 8 else None) is None)
-        return real_round(*a, **k)
-
-    monkeypatch.setattr(generate, "_round", spy)
-    plain, fast = _both(model, tok, _prompts(), fast_batch_size=len(QUESTIONS))
-    assert fast == plain
-    assert fresh == [True, False, False]  # 24 new tokens in rounds of 8
-
-
-def test_attention_reads_only_the_slots_the_text_has_reached(model_tok, monkeypatch):
-    """One batch, rounds of 8 tokens in the same cache: each round's layers see a prefix of the static cache that
-    holds the text so far plus the round's tokens, rounded up to bucket_tokens, growing to the whole cache only at
-    the end; the answers are still plain generate's."""
-    model, tok = model_tok
-    views = []
-    real_view = generate._view
-
-    def spy(cache, n):
-        real_view(cache, n)
-        views.append((n, cache.full[0][0].shape[2], cache.layers[0].keys.shape[2]))
-
-    monkeypatch.setattr(generate, "_view", spy)
-    prompts = _prompts()[:3]
+    spy = Spy(monkeypatch)
     plain, fast = _both(model, tok, prompts, fast_batch_size=3)
     assert fast == plain
-    width = max(len(x) for x in tok(prompts).input_ids)
-    assert len(views) == 3  # 24 new tokens in rounds of 8
-    for r, (n, full, seen) in enumerate(views):
-        assert seen == n and n % 16 == 0 and n <= full
-        assert n >= width + 8 * (r + 1) > n - 16  # room for this round's tokens, no more than a bucket beyond
-    assert views[0][0] < views[-1][0] and views[0][0] < views[0][1]
+    ids = [list(x) for x in tok(prompts).input_ids]
+    read = [seq for entries, _ in spy.prefills for _, seq in entries]
+    assert sorted(read) == sorted(ids)
+    (caps,) = spy.caps
+    assert caps == sorted(len(x) + 24 for x in ids)[::-1][:3]
+    assert all(len(seq) + 24 <= caps[j] for entries, _ in spy.prefills for j, seq in entries)
 
 
-def test_a_refill_waits_until_an_eighth_of_the_slots_are_free(monkeypatch):
-    """Batch 16, 20 prompts: the first row to finish leaves its slot idle and the rest go on in the same cache; when
-    a second finishes, queued prompts take both slots in a fresh round. Scripted rounds (no model): the schedule
-    is what is under test; that fresh and going-on rounds answer as plain generate does is tested above."""
+def test_attention_reads_only_each_slots_own_tokens(model_tok, monkeypatch):
+    """Before every decode step the cache past each slot's text is filled with large values (where a longer earlier
+    row's tokens lie): a step that attended to one of them would turn its row's answer to garbage."""
     import torch
 
-    class Tok:
-        eos_token_id = 0
+    model, tok = model_tok
+    real_step = slots.Decoder._step
 
-    ends = {3: 1, 5: 2}  # prompt index -> the round in which it emits EOS
-    calls = []
+    def poisoned_step(dec):
+        for k, v in dec.caches:
+            for j, (start, cap) in enumerate(zip(dec.first, dec.caps)):
+                for c in (k, v):
+                    c[start + int(dec.lens[j]):start + cap] = 1e4
+        return real_step(dec)
 
-    def scripted(model, tok, seqs, n, cache_len, batch, gen, seed, state=None):
-        r = len(calls)
-        calls.append((state is None, [s[0] - 100 for s in seqs if s is not None]))
-        width = (max(len(s) for s in seqs if s) if state is None else state[1].shape[1]) + n
-        more = [[0] if s is not None and ends.get(s[0] - 100) == r else [7] * n for s in seqs]
-        return more, (None, torch.zeros(1, width))
+    monkeypatch.setattr(slots.Decoder, "_step", poisoned_step)
+    plain, fast = _both(model, tok, _prompts(), fast_batch_size=3)
+    assert fast == plain
 
-    monkeypatch.setattr(generate, "_round", scripted)
-    gen = GenerationConfig(max_new_tokens=40, refill_tokens=10)
-    ids = [[100 + i] for i in range(20)]
-    done = dict(generate._refill(None, Tok(), ids, list(range(20)), 16, 64, gen, 0))
-    assert [fresh for fresh, _ in calls[:4]] == [True, False, False, True]
-    assert calls[1][1] == list(range(16))
-    assert calls[2][1] == [i for i in range(16) if i != 3]  # row 3 finished in round 1; its slot idles in round 2
-    assert set(calls[3][1]) == set(range(18)) - {3, 5}
-    assert sorted(done) == list(range(20)) and done[3] == [7] * 10 + [0] and done[5] == [7] * 20 + [0]
-    assert all(len(v) == 40 for i, v in done.items() if i not in ends)
+
+def test_sampling_on_the_fast_path(model_tok):
+    """top_p so small that the nucleus is the top token alone is greedy; a seed repeats its samples."""
+    model, tok = model_tok
+    prompts = _prompts()[:4]
+    plain, _ = _both(model, tok, prompts)
+    sample = {"max_new_tokens": 24, "fast": True, "fast_batch_size": 3, "temperature": 1.0}
+    nucleus_of_one = generate.generate(model, tok, prompts, GenerationConfig(**sample, top_p=1e-6), progress=False)
+    assert nucleus_of_one == plain
+    runs = [generate.generate(model, tok, prompts, GenerationConfig(**sample, top_p=0.9), progress=False, seed=s)
+            for s in (3, 3, 4)]
+    assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0] != plain
+
+
+def test_a_model_with_sliding_window_attention_takes_the_plain_path(model_tok, caplog):
+    """Slots keep every token; a sliding-window layer must not see them all, so such a model generates plainly."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = model_tok[1]
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=16)).eval()
+    prompts = _prompts()[:3]
+    with caplog.at_level("INFO", logger="llmft.generate"):
+        plain, fast = _both(model, tok, prompts)
+    assert fast == plain
+    assert "plain batches instead" in caplog.text
 
 
 def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok):
@@ -200,42 +165,18 @@ def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok
     assert fast == plain
 
 
-def test_buckets_round_lengths_and_merge_small_buckets():
-    gen = GenerationConfig(max_new_tokens=100, bucket_tokens=64)
-    lengths = [10, 70, 65, 300, 20, 130, 60]
-    # every bucket fills a batch of 2: widths 64 (10, 20, 60), 128 (65, 70), 192 (130), 320 (300)
-    out = generate.buckets(lengths, gen, lambda cache_len: 2)
-    assert [(c, rows) for c, rows, _ in out] == [(164, [0, 4, 6]), (228, [2, 1]), (420, [5, 3])]
-    # batches of 4: the short buckets join longer ones until one batch is full; the last takes the rest
-    out = generate.buckets(lengths, gen, lambda cache_len: 4)
-    assert [(c, rows) for c, rows, _ in out] == [(228, [0, 4, 6, 2, 1]), (420, [5, 3])]
-    # 5 prompts at 4 rows are two batches of 3 (not 4 and 1 padded to 4); 2 fit one batch of 2
-    assert [b for _, _, b in out] == [3, 2]
-    assert [b for _, _, b in generate.buckets(list(range(1, 13)), gen, lambda cache_len: 5)] == [4]
-
-
-def test_a_few_long_prompts_do_not_stretch_the_cache_of_shorter_ones():
-    """Rows of width 64 join the 128 bucket (3 rows x 64 extra slots = 192 <= 200 slots a batch's weight reads cost),
-    but those joined rows then stay apart from the one 2,048-token prompt (5 x 1,920 extra slots > 200)."""
-    gen = GenerationConfig(max_new_tokens=100, bucket_tokens=64)
-    lengths = [10, 20, 30, 100, 110, 2000]
-    plan = generate.buckets(lengths, gen, lambda cache_len: 8, step_slots=200)
-    assert [(c, rows) for c, rows, _ in plan] == [(228, [0, 1, 2, 3, 4]), (2148, [5])]
-    # with no cost given (0), a bucket short of a full batch always joins the next: one bucket of 2,048 + 100
-    assert [(c, rows) for c, rows, _ in generate.buckets(lengths, gen, lambda cache_len: 8)] == [(2148, [0, 1, 2, 3, 4, 5])]
-
-
 def test_batch_rows_on_cpu_and_when_given(model_tok):
     model, _ = model_tok
-    assert generate.batch_rows(model, 1024, GenerationConfig(batch_size=5)) == 5
-    assert generate.batch_rows(model, 1024, GenerationConfig(batch_size=5, fast_batch_size=12)) == 12
+    lengths = [900, 500, 20] + [10] * 9
+    assert generate.batch_rows(model, lengths, GenerationConfig(batch_size=5)) == 5
+    assert generate.batch_rows(model, lengths, GenerationConfig(batch_size=5, fast_batch_size=8)) == 8
+    assert generate.batch_rows(model, lengths[:2], GenerationConfig(batch_size=5, fast_batch_size=8)) == 2
 
 
 @pytest.mark.parametrize("override, message", [
     ("evaluate.generation.fast=always", "'evaluate.generation.fast' = 'always' is not one of 'auto', True, False"),
     ("evaluate.generation.fast_batch_size=-1", "must be >= 0"),
     ("evaluate.generation.refill_tokens=0", "must be >= 1"),
-    ("evaluate.generation.bucket_tokens=0", "must be >= 1"),
 ])
 def test_fast_path_keys_are_validated_at_load(tmp_path, override, message):
     with pytest.raises(LlmftError, match=message.replace("(", r"\(")):

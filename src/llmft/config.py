@@ -408,25 +408,20 @@ class GenerationConfig:
     """Prompts generated (and sequences scored) together on the plain path; the fast path sizes its own batches
     (`fast_batch_size`)."""
     fast: Literal["auto", True, False] = "auto"
-    """Generation path. true: prompts sorted by length and cut into length buckets, a static KV cache (and, on a
-    GPU, transformers' compiled decode step), finished rows replaced by queued prompts every `refill_tokens`.
-    false: plain batched `generate`, as before. `auto`: true on a GPU (unless repetition_penalty is not 1: padding
-    would change what it penalises), false on CPU. Greedy outputs are the same
+    """Generation path. true: the slot decoder (llmft/slots.py): every prompt's KV cache in its own slot, longest
+    prompts first, all slots decoded together (on a GPU as a recorded CUDA graph when max_new_tokens >= 64, attention
+    reading each slot's own tokens only), a finished row's slot refilled by a prefill of the next queued prompt alone.
+    false: plain batched `generate`, as before. `auto`: true on a GPU (unless repetition_penalty is not 1: plain
+    `generate` would also penalise the pad tokens a row was padded with), false on CPU. Greedy outputs are the same
     token for token in fp32; in bf16 they can part where two tokens' logits tie within rounding."""
     fast_batch_size: int = 0
-    """Most rows decoded together on the fast path (a bucket's prompts are spread evenly over as few batches as
-    that allows); 0: as many as the free GPU memory holds (KV cache and prefill bytes per token x (bucket +
-    max_new_tokens) per row, capped at 256), or `batch_size` on CPU."""
-    bucket_tokens: int = 128
-    """Fast path: prompt lengths are rounded up to a multiple of this; each rounded length is one cache length.
-    Within a round, attention reads only the cache's first slots up to the text so far plus the round, rounded up
-    to this. Larger means fewer buckets but more padding and more unused slots read. Compiles do not grow with
-    buckets: after the first shapes the compiled decode step is dynamic in rows and cache length."""
-    refill_tokens: int = 128
-    """Fast path: new tokens per round. After a round, rows that finished leave; once an eighth of the slots are
-    free, queued prompts take them and every row's text is read again (one prefill); until then the rows go on in
-    the same cache, reading a longer part of it. Smaller frees slots sooner and reads fewer unused slots, but
-    costs a `generate` call per round and prefills more."""
+    """Slots decoded together on the fast path; 0: as many of the longest prompts as free GPU memory holds (KV bytes
+    per token x (prompt + max_new_tokens) each, at most 512), evened out over the waves needed, or `batch_size` on
+    CPU."""
+    refill_tokens: int = 32
+    """Fast path: decode steps between two reads of the new tokens by the host. After each read, rows that reached
+    EOS or max_new_tokens leave and queued prompts take their slots. Smaller frees slots sooner (a row that ends
+    inside a round idles to its end); larger syncs less often."""
 
     def _checks(self) -> Check:
         yield "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"
@@ -435,7 +430,6 @@ class GenerationConfig:
         yield "repetition_penalty", self.repetition_penalty > 0, "must be > 0"
         yield "batch_size", self.batch_size >= 1, "must be >= 1"
         yield "fast_batch_size", self.fast_batch_size >= 0, "must be >= 0 (0: from free GPU memory)"
-        yield "bucket_tokens", self.bucket_tokens >= 1, "must be >= 1"
         yield "refill_tokens", self.refill_tokens >= 1, "must be >= 1"
 
 

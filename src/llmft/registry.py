@@ -104,7 +104,8 @@ def log_model(cfg: Config, base: str, workdir: Path, adapter: str | None = None)
     meta = {"template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
             "base_model": base, "base_model_config": cfg.model.base,
             # base is a local folder already at model.revision (local_base): no revision to apply again
-            "model": {"trust_remote_code": cfg.model.trust_remote_code, "allow_pickle": cfg.model.allow_pickle},
+            "model": {"trust_remote_code": cfg.model.trust_remote_code, "allow_pickle": cfg.model.allow_pickle,
+                      "random_init": cfg.model.random_init},  # load tests of a large model: no weights to log
             "generation": to_dict(gen),
             "limits": {"max_rows": r.max_request_rows, "max_input_chars": r.max_input_chars,
                        "max_new_tokens": r.max_new_tokens_limit},
