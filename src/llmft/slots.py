@@ -17,6 +17,7 @@ plain path (`supported`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
@@ -82,6 +83,16 @@ def _flash(t) -> bool:
     return t.is_cuda and t.dtype in (_t().float16, _t().bfloat16)
 
 
+@functools.cache
+def _seqused_k() -> bool:
+    """Whether torch's FlashAttention op takes `seqused_k` (each slot's length); without it decode steps read the
+    slots through sdpa with a mask (same answers, slower), and say so once."""
+    ok = "seqused_k" in str(_t().ops.aten._flash_attention_forward.default._schema)
+    if not ok:
+        log.warning("torch %s's FlashAttention op has no seqused_k: decode steps use sdpa", _t().__version__)
+    return ok
+
+
 def _prefill_attention(q, k, v, s: State, scale):
     """Each packed prompt attends causally to itself."""
     t = _t()
@@ -99,7 +110,7 @@ def _prefill_attention(q, k, v, s: State, scale):
 def _decode_attention(q, k_cache, v_cache, s: State, scale):
     """Each slot's query attends to its slot's first `used` tokens."""
     t = _t()
-    if _flash(q):  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
+    if _flash(q) and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
                                                    False, scale=scale, seqused_k=s.used)[0]
     if s.gather is None:
