@@ -10,7 +10,8 @@ random bf16 Llama-2-7B weights, Dolly prompts.
 slots from free memory, both at --new-tokens (256); random weights almost never emit EOS, so nearly every row runs
 all of them (new tokens are counted exactly). The fast path runs twice over the same prompts in one process: the
 first pass records the decode step's CUDA graph (no compile), the second is the steady figure. Then agreement: the fast
-path's answers to the plain run's 32 prompts, token for token; `--generate-batch`: transformers' continuous batching
+path's answers to the plain run's 32 prompts, token for token; `--decode-kernels`: the fast path once per decode-step
+attention kernel (`auto`: llmft's Triton kernel on a GPU; `flash`: torch's FlashAttention); `--generate-batch`: transformers' continuous batching
 over the fast run's prompts (warm-up run, then timed); the tiny fp32 model (fast must equal plain); `--smollm2 N`:
 real weights, the embedded SmolLM2 in bf16, plain against fast over N prompts (how many answers are identical).
 `prompts` writes the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2); `answers`: what `evaluate`
@@ -108,21 +109,28 @@ def speed(args):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
+    fast_out = None
     if not args.fast_only:
         generate(model, tok, rows[:2], GenerationConfig(max_new_tokens=8, batch_size=2, fast=False), progress=False)
         base_out, r = timed(lambda: generate(model, tok, rows[:32], plain, progress=False), counter)
         record({"path": "plain generate", "batch": 32, "prompts": len(base_out), **r})
-    for n_prompts, fb in args.fast_runs:
+    from llmft import slots
+
+    runs = [(run, kernel) for run in args.fast_runs for kernel in args.decode_kernels]
+    for (n_prompts, fb), kernel in runs:
+        slots.DECODE_KERNEL = kernel
         gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb)
         p = (rows * (n_prompts // len(rows) + 1))[:n_prompts]
         lengths = sorted((len(x) for x in tok(p).input_ids), reverse=True)
-        slots = batch_rows(model, lengths, gen)
+        rows_ = batch_rows(model, lengths, gen)
         # the first pass records the decode step's CUDA graph (and warms cuBLAS); the second is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        record({"path": "fast", "fast_batch_size": fb, "slots": slots, "cache_tokens": sum(lengths[:slots]) +
-                slots * args.new_tokens, "prompts": n_prompts, "first_pass": r1, **r2, "passes_equal": out1 == out2})
-        fast_out = out2[:32]
+        record({"path": "fast", "decode_kernel": kernel, "fast_batch_size": fb, "slots": rows_,
+                "cache_tokens": sum(lengths[:rows_]) + rows_ * args.new_tokens, "prompts": n_prompts,
+                "first_pass": r1, **r2, "passes_equal": out1 == out2})
+        fast_out = fast_out or out2[:32]
+    slots.DECODE_KERNEL = "auto"
     if args.fast_only:
         return
     res["agreement_7b_bf16"] = agreement(tok, base_out, fast_out)
@@ -278,6 +286,9 @@ def main():
                                       default=[(512, 0)], help="PROMPTSxFAST_BATCH_SIZE (0: from free memory)")
     sub.choices["speed"].add_argument("--fast-only", action="store_true",
                                       help="only the fast runs: no plain baseline, agreement or tiny-model check")
+    sub.choices["speed"].add_argument("--decode-kernels", nargs="+", default=["auto"],
+                                      choices=["auto", "triton", "flash"],
+                                      help="the fast path once per decode-step attention kernel (llmft.slots)")
     sub.choices["speed"].add_argument("--generate-batch", action="store_true",
                                       help="also transformers' continuous batching over the first fast run's prompts")
     sub.choices["speed"].add_argument("--smollm2", type=int, default=0, metavar="N",

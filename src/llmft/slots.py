@@ -21,11 +21,16 @@ import functools
 import logging
 import time
 
+from . import decode_attention
+
 log = logging.getLogger(__name__)
 
 NAME = "llmft_slots"
 PREFILL_TOKENS = 16384
 """Most prompt tokens one prefill forward reads (bounds its activations; more prompts wait for the next)."""
+DECODE_KERNEL = "auto"
+"""The decode step's attention on a GPU: `triton` (llmft/decode_attention.py), `flash` (torch's FlashAttention),
+`auto`: triton where it runs, else flash."""
 GRAPH_MIN_STEPS = 64
 """Calls of fewer new tokens (max_new_tokens) decode eagerly: recording costs about four eager steps, and a served
 request of a few tokens would pay it for little."""
@@ -110,6 +115,8 @@ def _prefill_attention(q, k, v, s: State, scale):
 def _decode_attention(q, k_cache, v_cache, s: State, scale):
     """Each slot's query attends to its slot's first `used` tokens."""
     t = _t()
+    if _flash(q) and DECODE_KERNEL != "flash" and decode_attention.fits(q):
+        return decode_attention.attend(q, k_cache, v_cache, s.cu_k, s.used, scale)
     if _flash(q) and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
                                                    False, scale=scale, seqused_k=s.used)[0]
