@@ -33,7 +33,11 @@ for heads, kv_heads, dim in ((4, 4, 64), (9, 3, 64), (2, 2, 128)):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[j][:, None], k[a:a + n].transpose(0, 1), v[a:a + n].transpose(0, 1), enable_gqa=heads != kv_heads)
         worst = max(worst, float((out[j] - ref[:, 0]).abs().max()))
-print(worst)
+passed = da._checked(torch.device(dev), torch.float32, 9, 3, 64)
+da._checked.cache_clear()
+real = da.attend
+da.attend = lambda *a, **k: real(*a, **k) * 0.5  # a wrong kernel must fail the self-check
+print(worst, passed, da._checked(torch.device(dev), torch.float32, 9, 3, 64))
 """
 
 
@@ -41,4 +45,7 @@ def test_each_slot_attends_to_its_own_used_tokens_as_sdpa_does():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split()[-1]) < 1e-5
+    worst, passed, wrong = out.stdout.split()[-3:]
+    assert float(worst) < 1e-5
+    # the self-check that decides whether a GPU uses the kernel: passes where it is right, fails where it is not
+    assert (passed, wrong) == ("True", "False")

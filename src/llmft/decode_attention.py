@@ -10,12 +10,46 @@ fused multiply-adds and an online softmax (Triton, which torch's CUDA builds shi
 from __future__ import annotations
 
 import functools
+import logging
+
+log = logging.getLogger(__name__)
 
 
-def fits(q) -> bool:
-    """Whether the kernel runs for these queries: on a CUDA GPU with the triton package, head dim a power of 2."""
+def fits(q, kv_heads: int) -> bool:
+    """Whether the kernel runs for these queries: on a CUDA GPU with the triton package, head dim a power of 2, and
+    its self-check passed there (once per process and shape: it compiles the kernel and compares it with sdpa)."""
     dim = q.shape[-1]
-    return q.is_cuda and dim & (dim - 1) == 0 and _triton()
+    return q.is_cuda and dim & (dim - 1) == 0 and _triton() and _checked(q.device, q.dtype, q.shape[1], kv_heads, dim)
+
+
+@functools.cache
+def _checked(device, dtype, heads: int, kv_heads: int, dim: int) -> bool:
+    """Run the kernel on random slots of 1 to 300 tokens and compare with sdpa; on any failure or mismatch log why
+    and answer False, so decode steps take torch's FlashAttention instead of failing."""
+    import torch
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        used = torch.tensor([1, 37, 300, 64], dtype=torch.int32, device=device)
+        starts = torch.tensor([0, 1, 38, 338, 402], dtype=torch.int32, device=device)
+        k, v = (torch.randn(402, kv_heads, dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(4, heads, dim, generator=g, device=device, dtype=dtype)
+        out = attend(q, k, v, starts, used)
+        worst = 0.0
+        for j in range(4):
+            a, n = int(starts[j]), int(used[j])
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[j][:, None].float(), k[a:a + n].transpose(0, 1).float(), v[a:a + n].transpose(0, 1).float(),
+                enable_gqa=heads != kv_heads)[:, 0]
+            worst = max(worst, float((out[j].float() - ref).abs().max()))
+        if worst < 0.02:
+            return True
+        log.warning("llmft's decode attention kernel is off by %.3g against sdpa here: using torch's FlashAttention",
+                    worst)
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run: the FlashAttention path still works
+        log.warning("llmft's decode attention kernel does not run here (%s: %s): using torch's FlashAttention",
+                    type(e).__name__, str(e)[:300])
+    return False
 
 
 @functools.cache

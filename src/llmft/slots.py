@@ -4,8 +4,8 @@ Prompts come longest first. Slot j is as long as the first prompt it takes plus 
 after it fits it too; the slots lie end to end in one flat cache per layer. A prompt enters a free slot by a prefill
 of its own tokens only (prompts entering together are packed into one row, FlashAttention's varlen layout), so rows
 already decoding are never read again. Every decode step runs all slots at once: each slot's new key/value goes to
-that slot's own next position, and attention reads each slot's own tokens and nothing else (FlashAttention's
-`seqused_k`). On a GPU the step is recorded once as a CUDA graph (eager kernels, replayed without Python or launch
+that slot's own next position, and attention reads each slot's own tokens and nothing else (llmft's Triton kernel,
+llmft/decode_attention.py, or torch's FlashAttention with `seqused_k`; `DECODE_KERNEL`). On a GPU the step is recorded once as a CUDA graph (eager kernels, replayed without Python or launch
 overhead; recording takes about a second, no compile) and replayed. Every `refill_tokens` steps the host reads the
 new tokens, retires rows that reached EOS or max_new_tokens, and prefills queued prompts into their slots.
 
@@ -29,8 +29,8 @@ NAME = "llmft_slots"
 PREFILL_TOKENS = 16384
 """Most prompt tokens one prefill forward reads (bounds its activations; more prompts wait for the next)."""
 DECODE_KERNEL = "auto"
-"""The decode step's attention on a GPU: `triton` (llmft/decode_attention.py), `flash` (torch's FlashAttention),
-`auto`: triton where it runs, else flash."""
+"""The decode step's attention on a GPU: `flash` (torch's FlashAttention) or `auto`: llmft's Triton kernel
+(llmft/decode_attention.py) where it compiles and passes its self-check, else flash."""
 GRAPH_MIN_STEPS = 64
 """Calls of fewer new tokens (max_new_tokens) decode eagerly: recording costs about four eager steps, and a served
 request of a few tokens would pay it for little."""
@@ -115,7 +115,7 @@ def _prefill_attention(q, k, v, s: State, scale):
 def _decode_attention(q, k_cache, v_cache, s: State, scale):
     """Each slot's query attends to its slot's first `used` tokens."""
     t = _t()
-    if _flash(q) and DECODE_KERNEL != "flash" and decode_attention.fits(q):
+    if _flash(q) and DECODE_KERNEL != "flash" and decode_attention.fits(q, k_cache.shape[1]):
         return decode_attention.attend(q, k_cache, v_cache, s.cu_k, s.used, scale)
     if _flash(q) and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
