@@ -156,6 +156,11 @@ def test_a_model_with_sliding_window_attention_takes_the_plain_path(model_tok, c
     assert "plain batches instead" in caplog.text
 
 
+def test_no_prompts_no_answers(model_tok):
+    model, tok = model_tok
+    assert generate.generate(model, tok, [], GenerationConfig(fast=True), progress=False) == []
+
+
 def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok):
     model, tok = model_tok
     short = templates.render_prompt("alpaca", [("Name a colour.", None)])

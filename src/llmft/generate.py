@@ -108,6 +108,8 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
 
     from . import slots
 
+    if not prompts:
+        return []
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the model it wraps
     if not slots.supported(inner):
         log.info("the fast path does not run %s (sliding-window attention); plain batches instead",
