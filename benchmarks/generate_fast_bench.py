@@ -126,7 +126,8 @@ def speed(args):
         # the first pass records the decode step's CUDA graph (and warms cuBLAS); the second is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        record({"path": "fast", "decode_kernel": kernel, "fast_batch_size": fb, "slots": rows_,
+        record({"path": "fast", "decode_kernel": kernel, "decode_attention_ran": slots.USED,
+                "fast_batch_size": fb, "slots": rows_,
                 "cache_tokens": sum(lengths[:rows_]) + rows_ * args.new_tokens, "prompts": n_prompts,
                 "first_pass": r1, **r2, "passes_equal": out1 == out2})
         fast_out = fast_out or out2[:32]
@@ -141,7 +142,13 @@ def speed(args):
     res["tiny_fp32_equal"] = tiny_check(args)
     print("RESULT tiny", json.dumps(res["tiny_fp32_equal"]), flush=True)
     if args.smollm2:
-        del model
+        import gc
+
+        import torch
+
+        del model, counter  # the counter's generate wrapper holds the model too
+        gc.collect()
+        torch.cuda.empty_cache()
         res["smollm2_bf16_agreement"] = smollm2_check(args, rows)
         print("RESULT smollm2", json.dumps(res["smollm2_bf16_agreement"]), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
@@ -184,20 +191,22 @@ def smollm2_check(args, rows: list[str]) -> dict:
     plain = generate(model, tok, p, GenerationConfig(max_new_tokens=n, batch_size=32, fast=False), progress=False)
     fast = generate(model, tok, p, GenerationConfig(max_new_tokens=n, fast=True), progress=False)
     a = agreement(tok, plain, fast)
-    first = a.pop("first_difference_token")
-    parted = sorted(k for k, x, y in zip(first, plain, fast) if x != y)
+    a.pop("first_difference_token")  # sorted: no longer paired with its answers
+    parted = sorted(first_difference(tok, x, y) for x, y in zip(plain, fast) if x != y)
     return {"prompts": len(p), "max_new_tokens": n, **a, "identical_rate": round(a["identical"] / len(p), 3),
             "parted_at_token_median": parted[len(parted) // 2] if parted else None}
 
 
+def first_difference(tok, x: str, y: str) -> int:
+    """The index of the first token where two answers differ (the shorter's length if one is a prefix)."""
+    tx, ty = tok(x).input_ids, tok(y).input_ids
+    return next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), min(len(tx), len(ty)))
+
+
 def agreement(tok, a: list[str], b: list[str]) -> dict:
     """How far two sets of greedy answers run token for token before they part."""
-    same, first_diff = 0, []
-    for x, y in zip(a, b):
-        tx, ty = tok(x).input_ids, tok(y).input_ids
-        k = next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), min(len(tx), len(ty)))
-        same += x == y
-        first_diff.append(k)
+    first_diff = [first_difference(tok, x, y) for x, y in zip(a, b)]
+    same = sum(x == y for x, y in zip(a, b))
     return {"answers": len(first_diff), "identical": same, "first_difference_token": sorted(first_diff)}
 
 
@@ -287,7 +296,7 @@ def main():
     sub.choices["speed"].add_argument("--fast-only", action="store_true",
                                       help="only the fast runs: no plain baseline, agreement or tiny-model check")
     sub.choices["speed"].add_argument("--decode-kernels", nargs="+", default=["auto"],
-                                      choices=["auto", "triton", "flash"],
+                                      choices=["auto", "flash"],
                                       help="the fast path once per decode-step attention kernel (llmft.slots)")
     sub.choices["speed"].add_argument("--generate-batch", action="store_true",
                                       help="also transformers' continuous batching over the first fast run's prompts")

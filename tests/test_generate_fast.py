@@ -156,6 +156,19 @@ def test_a_model_with_sliding_window_attention_takes_the_plain_path(model_tok, c
     assert "plain batches instead" in caplog.text
 
 
+def test_a_repetition_penalty_takes_the_plain_path(model_tok, caplog):
+    """The slot decoder applies no penalty: with one set, fast=true generates plainly and says why."""
+    model, tok = model_tok
+    prompts = _prompts()[:3]
+    plain = generate.generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, fast=False,
+                                                                    repetition_penalty=1.5), progress=False)
+    with caplog.at_level("INFO", logger="llmft.generate"):
+        fast = generate.generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, fast=True,
+                                                                       repetition_penalty=1.5), progress=False)
+    assert fast == plain and "repetition_penalty is not 1" in caplog.text
+    assert plain != _both(model, tok, prompts)[0]  # the penalty changed the answers
+
+
 def test_no_prompts_no_answers(model_tok):
     model, tok = model_tok
     assert generate.generate(model, tok, [], GenerationConfig(fast=True), progress=False) == []
@@ -182,6 +195,7 @@ def test_batch_rows_on_cpu_and_when_given(model_tok):
     ("evaluate.generation.fast=always", "'evaluate.generation.fast' = 'always' is not one of 'auto', True, False"),
     ("evaluate.generation.fast_batch_size=-1", "must be >= 0"),
     ("evaluate.generation.refill_tokens=0", "must be >= 1"),
+    ("evaluate.generation.bucket_tokens=128", "removed: the fast path's slots read only their own tokens"),
 ])
 def test_fast_path_keys_are_validated_at_load(tmp_path, override, message):
     with pytest.raises(LlmftError, match=message.replace("(", r"\(")):

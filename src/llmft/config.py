@@ -411,9 +411,10 @@ class GenerationConfig:
     """Generation path. true: the slot decoder (llmft/slots.py): every prompt's KV cache in its own slot, longest
     prompts first, all slots decoded together (on a GPU as a recorded CUDA graph when max_new_tokens >= 64, attention
     reading each slot's own tokens only), a finished row's slot refilled by a prefill of the next queued prompt alone.
-    false: plain batched `generate`, as before. `auto`: true on a GPU (unless repetition_penalty is not 1: plain
-    `generate` would also penalise the pad tokens a row was padded with), false on CPU. Greedy outputs are the same
-    token for token in fp32; in bf16 they can part where two tokens' logits tie within rounding."""
+    false: plain batched `generate`, as before. `auto`: true on a GPU, false on CPU. A repetition_penalty other than
+    1 (the slot decoder applies none) or a sliding-window model takes the plain path either way, with a log line.
+    Greedy outputs are the same token for token in fp32; in bf16 they can part where two tokens' logits tie within
+    rounding."""
     fast_batch_size: int = 0
     """Slots decoded together on the fast path; 0: as many of the longest prompts as free GPU memory holds (KV bytes
     per token x (prompt + max_new_tokens) each, at most 512), evened out over the waves needed, or `batch_size` on
@@ -746,6 +747,8 @@ REMOVED = {
     "train.compile_mode": "torch.compile's CUDA-graph modes ran the 7B step at 0.21x of the default mode's speed; "
                           "train.torch_compile uses the default mode",
     "train.static_shapes": "it padded batches for the CUDA-graph compile modes alone; packing is padding-free",
+    "evaluate.generation.bucket_tokens": "the fast path's slots read only their own tokens, so prompts are no longer "
+                                         "bucketed by length",
 }
 # What other trainers call our keys (HF TrainingArguments, axolotl, PEFT): a user's habit gets an answer.
 ALIASES = {

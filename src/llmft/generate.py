@@ -52,9 +52,8 @@ def generate(model, tok, prompts: list[str], gen: GenerationConfig, desc: str = 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    # auto: the fast path on a GPU, unless a repetition penalty is set: it would also penalise the pad (= EOS)
-    # tokens a row was padded with, by how much it was padded, and part from plain generate
-    fast = gen.fast if gen.fast != "auto" else device.type == "cuda" and gen.repetition_penalty == 1.0
+    # auto: the fast path on a GPU (which takes the plain one itself where it cannot run: _generate_fast)
+    fast = gen.fast if gen.fast != "auto" else device.type == "cuda"
     # A prompt longer than the model's context (a 1 MB instruction in the test split) asked sdpa for a 40 GB mask
     # and killed evaluate after training. Keep the end of such a prompt (where the template's answer cue is),
     # as much of it as fits with the answer; shorter prompts are untouched.
@@ -111,11 +110,13 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     if not prompts:
         return []
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the model it wraps
-    if not slots.supported(inner):
-        log.info("the fast path does not run %s (sliding-window attention); plain batches instead",
-                 type(inner).__name__)
-        return _generate_plain(model, tok, prompts, gen, limit, seed, bar)
     ids = tok(prompts, truncation=limit is not None, max_length=limit)["input_ids"]
+    why = ("sliding-window attention" if not slots.supported(inner) else
+           "repetition_penalty is not 1" if gen.repetition_penalty != 1.0 else
+           "a prompt of no tokens" if not all(ids) else None)
+    if why:
+        log.info("the fast path does not run here (%s); plain batches instead", why)
+        return _generate_plain(model, tok, prompts, gen, limit, seed, bar)
     # longest first: a slot holds its first prompt + max_new_tokens, so every prompt queued after it fits a freed slot
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     rows = batch_rows(model, [len(ids[i]) for i in order], gen)

@@ -31,6 +31,8 @@ PREFILL_TOKENS = 16384
 DECODE_KERNEL = "auto"
 """The decode step's attention on a GPU: `flash` (torch's FlashAttention) or `auto`: llmft's Triton kernel
 (llmft/decode_attention.py) where it compiles and passes its self-check, else flash."""
+USED = None
+"""The decode-step attention the last decode step ran (triton, flash or sdpa): benchmarks record it."""
 GRAPH_MIN_STEPS = 64
 """Calls of fewer new tokens (max_new_tokens) decode eagerly: recording costs about four eager steps, and a served
 request of a few tokens would pay it for little."""
@@ -84,8 +86,14 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 
 def _flash(t) -> bool:
-    """FlashAttention (torch's own kernels) runs half precision on CUDA; elsewhere sdpa does the same sums."""
-    return t.is_cuda and t.dtype in (_t().float16, _t().bfloat16)
+    """FlashAttention (torch's own kernels) runs half precision on CUDA GPUs from Ampere (compute capability 8) on;
+    elsewhere sdpa does the same sums."""
+    return t.is_cuda and t.dtype in (_t().float16, _t().bfloat16) and _ampere(t.device)
+
+
+@functools.cache
+def _ampere(device) -> bool:
+    return _t().cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.cache
@@ -115,11 +123,15 @@ def _prefill_attention(q, k, v, s: State, scale):
 def _decode_attention(q, k_cache, v_cache, s: State, scale):
     """Each slot's query attends to its slot's first `used` tokens."""
     t = _t()
+    global USED
     if _flash(q) and DECODE_KERNEL != "flash" and decode_attention.fits(q, k_cache.shape[1]):
+        USED = "triton"
         return decode_attention.attend(q, k_cache, v_cache, s.cu_k, s.used, scale)
     if _flash(q) and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
+        USED = "flash"
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
                                                    False, scale=scale, seqused_k=s.used)[0]
+    USED = "sdpa"
     if s.gather is None:
         pos = t.arange(s.max_cap, device=q.device)
         s.pos = pos
@@ -155,6 +167,7 @@ class Decoder:
     def __init__(self, model, caps: list[int], gen, eos: int | None):
         t = _t()
         self.model, self.caps, self.gen, self.eos = model, caps, gen, eos
+        self.top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
         p = next(model.parameters())
         self.device, rows = p.device, len(caps)
         c = model.config.get_text_config(decoder=True)
@@ -176,6 +189,8 @@ class Decoder:
         logits = logits.float()
         if self.gen.temperature <= 0:
             return logits.argmax(-1)
+        if self.top_k:  # the model's generation_config.top_k, which plain `generate` applies when sampling
+            logits = logits.masked_fill(logits < logits.topk(self.top_k, -1).values[:, -1:], float("-inf"))
         probs = _t().softmax(logits / self.gen.temperature, -1)
         if self.gen.top_p < 1:
             sorted_p, order = probs.sort(-1, descending=True)
