@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 
+from . import slots
 from .config import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -105,15 +106,13 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     """The slot decoder (llmft/slots.py) over every prompt, longest first, finished rows refilled from the queue."""
     import torch
 
-    from . import slots
-
     if not prompts:
         return []
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the model it wraps
-    ids = tok(prompts, truncation=limit is not None, max_length=limit)["input_ids"]
     why = ("sliding-window attention" if not slots.supported(inner) else
-           "repetition_penalty is not 1" if gen.repetition_penalty != 1.0 else
-           "a prompt of no tokens" if not all(ids) else None)
+           "repetition_penalty is not 1" if gen.repetition_penalty != 1.0 else None)
+    ids = [] if why else tok(prompts, truncation=limit is not None, max_length=limit)["input_ids"]
+    why = why or ("a prompt of no tokens" if not all(ids) else None)
     if why:
         log.info("the fast path does not run here (%s); plain batches instead", why)
         return _generate_plain(model, tok, prompts, gen, limit, seed, bar)
@@ -133,16 +132,9 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     return outputs
 
 
-def _kv_heads(model) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of the decoder."""
-    c = model.config.get_text_config(decoder=True)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
-
-
 def kv_bytes(model) -> int:
     """KV-cache bytes per token: 2 (K and V) x layers x KV heads x head dim x dtype bytes."""
-    layers, kv_heads, head_dim = _kv_heads(model)
+    layers, kv_heads, head_dim = slots.kv_shape(model)
     return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
@@ -154,14 +146,12 @@ def batch_rows(model, lengths: list[int], gen: GenerationConfig, cap: int = 512)
     6 x intermediate_size per token, plus the attention's projections) are a fixed reserve."""
     import torch
 
-    from .slots import PREFILL_TOKENS
-
     device = next(model.parameters()).device
     if gen.fast_batch_size or device.type != "cuda":
         return max(1, min(len(lengths), gen.fast_batch_size or gen.batch_size))
     c = model.config.get_text_config(decoder=True)
     size = next(model.parameters()).element_size()
-    prefill = PREFILL_TOKENS * (6 * c.intermediate_size + 8 * c.hidden_size) * size
+    prefill = slots.PREFILL_TOKENS * (6 * c.intermediate_size + 8 * c.hidden_size) * size
     torch.cuda.empty_cache()  # caches freed but still reserved would count as used
     free, _ = torch.cuda.mem_get_info(device)
     budget = (0.9 * free - prefill - 2 * 2**30) // kv_bytes(model)  # headroom: fragmentation, logits, graph pool

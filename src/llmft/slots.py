@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import time
 
@@ -45,21 +46,27 @@ def supported(model) -> bool:
     return bool(layers) and not getattr(c, "sliding_window", None) and not getattr(c, "use_sliding_window", False)
 
 
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of the decoder."""
+    c = model.config.get_text_config(decoder=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
 class State:
     """What one forward tells the attention function: the caches, and where this forward's tokens go."""
 
-    def __init__(self, caches, starts, caps):
+    def __init__(self, caches, first: list[int], caps: list[int], device):
         self.caches = caches  # per layer (keys, values), each [cache tokens, KV heads, head dim]: slots end to end
         self.prefill = False
         self.dest = None  # flat cache index of each new token
         self.used = None  # decode: tokens each slot's attention reads (its length, new token included)
         self.bounds: list[int] = []  # prefill: packed prompts' boundaries, on the host and (cu) on the device
         self.cu = None
-        rows = len(caps)
-        self.cu_q = _t().arange(rows + 1, dtype=_t().int32, device=starts.device)  # decode: a query per slot
-        self.cu_k = _t().tensor([*starts.tolist(), sum(caps)], dtype=_t().int32, device=starts.device)
+        self.cu_q = _t().arange(len(caps) + 1, dtype=_t().int32, device=device)  # decode: a query per slot
+        self.cu_k = _t().tensor([*first, sum(caps)], dtype=_t().int32, device=device)  # each slot's first index
         self.max_cap = max(caps)
-        self.gather = None  # CPU/fp32 decode: [slot, position] -> flat index, for sdpa over a padded view
+        self.gather = self.pos = None  # CPU/fp32 decode: [slot, position] -> flat index, for sdpa over a padded view
 
 
 def _t():
@@ -170,14 +177,12 @@ class Decoder:
         self.top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
         p = next(model.parameters())
         self.device, rows = p.device, len(caps)
-        c = model.config.get_text_config(decoder=True)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        layers, kv_heads, head_dim = kv_shape(model)
         self.caches = [tuple(t.zeros(sum(caps), kv_heads, head_dim, dtype=p.dtype, device=p.device)
-                             for _ in range(2)) for _ in range(c.num_hidden_layers)]
-        self.first = [sum(caps[:j]) for j in range(rows)]  # each slot's first flat index
-        self.starts = t.tensor(self.first, device=p.device)
-        self.state = State(self.caches, self.starts, caps)
+                             for _ in range(2)) for _ in range(layers)]
+        self.first = [0, *itertools.accumulate(caps[:-1])]  # each slot's first flat index
+        self.state = State(self.caches, self.first, caps, p.device)
+        self.starts = self.state.cu_k[:-1].long()
         i32 = dict(dtype=t.int32, device=p.device)
         self.lens = t.zeros(rows, **i32)  # tokens in each slot
         self.live = t.zeros(rows, **i32)  # 1 while the slot holds an unfinished row
@@ -247,9 +252,7 @@ class Decoder:
 
         s, dev = self.state, self.device
         ids = [t for _, seq in entries for t in seq]
-        bounds = [0]
-        for _, seq in entries:
-            bounds.append(bounds[-1] + len(seq))
+        bounds = [0, *itertools.accumulate(len(seq) for _, seq in entries)]
         s.prefill, s.bounds = True, bounds
         s.cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
         s.dest = torch.tensor([self.first[slot] + i for slot, seq in entries for i in range(len(seq))], device=dev)
@@ -270,7 +273,6 @@ class Decoder:
         from collections import deque
 
         queue, slots = deque(order), [None] * len(self.caps)  # a slot: [prompt index, new ids] or None
-        budget = self.gen.max_new_tokens
         with torch.inference_mode(), _attention_on(self.model):
             self._record()
             while True:
@@ -285,7 +287,7 @@ class Decoder:
                         n += len(ids[i])
                     for (j, _), t in zip(entries, self.prefill(entries)):
                         slots[j][1].append(t)
-                        if t == self.eos or budget == 1:
+                        if self._finished(slots[j][1]):
                             done.append(j)
                 for j in done:
                     yield self._retire(slots, j)
@@ -296,7 +298,7 @@ class Decoder:
                 if not live:
                     return
                 # no row passes max_new_tokens inside a round; rows that end earlier idle to its end
-                n = min(self.gen.refill_tokens, min(budget - len(new) for _, new in live))
+                n = min(self.gen.refill_tokens, min(self.gen.max_new_tokens - len(new) for _, new in live))
                 steps = torch.stack([self.step().clone() for _ in range(n)], 1).tolist()  # [rows, n], one sync
                 for j, x in enumerate(slots):
                     if x is None:
@@ -305,8 +307,12 @@ class Decoder:
                     if self.eos in more:
                         more = more[:more.index(self.eos) + 1]  # keep the EOS (decode drops it), nothing after
                     x[1] += more
-                    if x[1][-1] == self.eos or len(x[1]) >= budget:
+                    if self._finished(x[1]):
                         yield self._retire(slots, j)
+
+    def _finished(self, new: list[int]) -> bool:
+        """A row ends at EOS or at max_new_tokens."""
+        return new[-1] == self.eos or len(new) >= self.gen.max_new_tokens
 
     def _retire(self, slots, j):
         i, new = slots[j]
