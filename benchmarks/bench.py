@@ -146,8 +146,9 @@ class Generate:
 
     def steps(self, ctx: Ctx, name: str) -> list[Step]:
         # on a GPU: transformers' continuous batching over the same prompts, and the embedded SmolLM2's agreement
-        size = (["--new-tokens", "16", "--fast-runs", "16x8"] if ctx.smoke else
-                ["--decode-kernels", "auto", "flash", "--generate-batch", "--smollm2", "256"])
+        size = (["--new-tokens", "16", "--fast-runs", "16x8", "--kv-caches", "model", "fp8"] if ctx.smoke else
+                ["--decode-kernels", "auto", "flash", "--kv-caches", "model", "fp8", "--generate-batch",
+                 "--smollm2", "256"])
         return [Step([ctx.py, str(HERE / "generate_fast_bench.py"), "speed", "--model", str(ctx.model), "--data",
                       f"{ctx.data}/train.jsonl", "--out", f"{ctx.out}/{name}/speed.json", *size])]
 
@@ -160,6 +161,8 @@ class Generate:
                 "plain_new_tokens_per_s": plain.get("new_tokens_per_s"),
                 "generate_batch_new_tokens_per_s": rows.get("transformers generate_batch", {}).get("new_tokens_per_s"),
                 "first_pass_new_tokens_per_s": fast.get("first_pass", {}).get("new_tokens_per_s"),
+                "fp8_cache_new_tokens_per_s": next((row["new_tokens_per_s"] for row in r.get("rows", [])
+                                                    if row.get("kv_cache") == "fp8"), None),
                 "tiny_fp32_equal": r.get("tiny_fp32_equal", {}).get("equal"), "speed_json": r}
 
 

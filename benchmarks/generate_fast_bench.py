@@ -11,7 +11,8 @@ slots from free memory, both at --new-tokens (256); random weights almost never 
 all of them (new tokens are counted exactly). The fast path runs twice over the same prompts in one process: the
 first pass records the decode step's CUDA graph (no compile), the second is the steady figure. Then agreement: the fast
 path's answers to the plain run's 32 prompts, token for token; `--decode-kernels`: the fast path once per decode-step
-attention kernel (`auto`: llmft's Triton kernel on a GPU; `flash`: torch's FlashAttention); `--generate-batch`: transformers' continuous batching
+attention kernel (`auto`: llmft's Triton kernel on a GPU; `flash`: torch's FlashAttention); `--kv-caches model fp8`: once per KV-cache dtype
+(`evaluate.generation.kv_cache`: fp8 with the Triton kernel); `--generate-batch`: transformers' continuous batching
 over the fast run's prompts (warm-up run, then timed); the tiny fp32 model (fast must equal plain); `--smollm2 N`:
 real weights, the embedded SmolLM2 in bf16, plain against fast over N prompts (how many answers are identical).
 `prompts` writes the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2); `answers`: what `evaluate`
@@ -100,7 +101,10 @@ def speed(args):
     model, tok = setup(args)
     counter = Counter(model, tok)
     rows = [json.loads(line)["prompt"] for line in Path(args.data).read_text().splitlines() if line.strip()]
-    res = {**environment(), "new_tokens": args.new_tokens, "rows": []}
+    from llmft import decode_attention
+
+    res = {**environment(), "new_tokens": args.new_tokens, "decode_block": decode_attention.BLOCK_N,
+           "decode_warps": decode_attention.WARPS, "rows": []}
     plain = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=32, fast=False)
 
     def record(row):
@@ -116,21 +120,24 @@ def speed(args):
         record({"path": "plain generate", "batch": 32, "prompts": len(base_out), **r})
     from llmft import slots
 
-    runs = [(run, kernel) for run in args.fast_runs for kernel in args.decode_kernels]
-    for (n_prompts, fb), kernel in runs:
+    # an fp8 cache takes the Triton kernel whatever DECODE_KERNEL says: it runs once, under the first kernel named
+    runs = [(run, kernel, kv) for run in args.fast_runs for kv in args.kv_caches for kernel in args.decode_kernels
+            if kv == "model" or kernel == args.decode_kernels[0]]
+    for (n_prompts, fb), kernel, kv in runs:
         slots.DECODE_KERNEL = kernel
-        gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb)
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb, kv_cache=kv)
         p = repeat(rows, n_prompts)
         lengths = sorted((len(x) for x in tok(p).input_ids), reverse=True)
         rows_ = batch_rows(model, lengths, gen)
         # the first pass records the decode step's CUDA graph (and warms cuBLAS); the second is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
-        record({"path": "fast", "decode_kernel": kernel, "decode_attention_ran": slots.USED,
+        record({"path": "fast", "decode_kernel": kernel, "kv_cache": kv, "decode_attention_ran": slots.USED,
                 "fast_batch_size": fb, "slots": rows_,
                 "cache_tokens": sum(lengths[:rows_]) + rows_ * args.new_tokens, "prompts": n_prompts,
                 "first_pass": r1, **r2, "passes_equal": out1 == out2})
-        fast_out = fast_out or out2[:32]
+        if kv == "model":
+            fast_out = fast_out or out2[:32]
     slots.DECODE_KERNEL = "auto"
     if args.fast_only:
         return
@@ -188,12 +195,22 @@ def smollm2_check(args, rows: list[str]) -> dict:
     p = repeat(rows, args.smollm2)
     n = 128
     plain = generate(model, tok, p, GenerationConfig(max_new_tokens=n, batch_size=32, fast=False), progress=False)
-    fast = generate(model, tok, p, GenerationConfig(max_new_tokens=n, fast=True), progress=False)
-    parted = sorted(first_difference(tok, x, y) for x, y in zip(plain, fast) if x != y)
-    same = len(p) - len(parted)
-    return {"prompts": len(p), "max_new_tokens": n, "answers": len(p), "identical": same,
+    res = {"prompts": len(p), "max_new_tokens": n}
+    for kv in args.kv_caches:  # "model": the bf16 cache; "fp8": what the fp8 cache changes on top
+        fast = generate(model, tok, p, GenerationConfig(max_new_tokens=n, fast=True, kv_cache=kv), progress=False)
+        parted = sorted(first_difference(tok, x, y) for x, y in zip(plain, fast) if x != y)
+        same = len(p) - len(parted)
+        res[kv if kv == "fp8" else "bf16"] = {
+            "kv_cache": kv, "decode_attention_ran": slots_used(), "identical": same,
             "identical_rate": round(same / len(p), 3),
             "parted_at_token_median": parted[len(parted) // 2] if parted else None}
+    return res
+
+
+def slots_used():
+    from llmft import slots
+
+    return slots.USED
 
 
 def repeat(rows: list, n: int) -> list:
@@ -302,6 +319,8 @@ def main():
     sub.choices["speed"].add_argument("--decode-kernels", nargs="+", default=["auto"],
                                       choices=["auto", "flash"],
                                       help="the fast path once per decode-step attention kernel (llmft.slots)")
+    sub.choices["speed"].add_argument("--kv-caches", nargs="+", default=["model"], choices=["model", "fp8"],
+                                      help="the fast path once per KV-cache dtype (evaluate.generation.kv_cache)")
     sub.choices["speed"].add_argument("--generate-batch", action="store_true",
                                       help="also transformers' continuous batching over the first fast run's prompts")
     sub.choices["speed"].add_argument("--smollm2", type=int, default=0, metavar="N",

@@ -107,12 +107,13 @@ def test_baseline_trainer_counts_real_tokens_of_the_timed_steps(speed):
 
 def test_generate_fast_bench_counts_new_tokens_and_matches_plain_generate_in_fp32(speed):
     r = by_name(speed[1])["generate"]
-    rows = {row["path"]: row for row in r["speed_json"]["rows"]}
-    fast, plain = rows["fast"], rows["plain generate"]
+    rows = {(row["path"], row.get("kv_cache")): row for row in r["speed_json"]["rows"]}
+    fast, plain, fp8 = rows["fast", "model"], rows["plain generate", None], rows["fast", "fp8"]
     # random weights rarely stop early: close to prompts x new tokens, never more
     assert 16 * 16 * 0.5 <= fast["new_tokens"] <= 16 * 16 and 0 < plain["new_tokens"] <= 32 * 16
     assert fast["passes_equal"] and r["tiny_fp32_equal"] is True
     assert r["tokens_per_s"] == fast["new_tokens_per_s"] > 0
+    assert fp8["passes_equal"] and r["fp8_cache_new_tokens_per_s"] == fp8["new_tokens_per_s"] > 0
 
 
 def test_every_named_configuration_loads_as_a_valid_config(tmp_path, tiny_model_dir, assets):

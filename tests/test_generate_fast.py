@@ -183,6 +183,41 @@ def test_prompt_longer_than_the_context_keeps_its_end_on_the_fast_path(model_tok
     assert fast == plain
 
 
+def test_an_fp8_cache_is_read_as_the_rounded_keys_and_values(model_tok, monkeypatch):
+    """kv_cache: fp8 stores float8 bytes and decode steps read them back: its answers must equal those of a
+    model-dtype cache that holds the same values rounded to fp8 (prefill reads the unrounded ones in both), and the
+    rounding must change some answer, or the test would not see a cache read as something else."""
+    import torch
+
+    model, tok = model_tok
+    prompts = _prompts()
+    caches = []
+    init = slots.Decoder.__init__
+
+    def spy_init(dec, *a, **k):
+        init(dec, *a, **k)
+        caches.append(dec.caches)
+
+    monkeypatch.setattr(slots.Decoder, "__init__", spy_init)
+    _, fp8 = _both(model, tok, prompts, kv_cache="fp8")
+    assert caches[-1][0][0].dtype == torch.float8_e4m3fn and bool(caches[-1][0][0].float().abs().sum() > 0)
+    plain, same = _both(model, tok, prompts)
+    store = slots._store
+
+    def rounded(cache, dest, x):  # the model-dtype cache, holding what an fp8 cache holds
+        store(cache, dest, x.clamp(-slots.FP8_MAX, slots.FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype))
+
+    monkeypatch.setattr(slots, "_store", rounded)
+    _, emulated = _both(model, tok, prompts)
+    assert same == plain and fp8 == emulated and fp8 != plain
+
+
+def test_an_fp8_cache_takes_half_the_bytes(model_tok):
+    model, _ = model_tok
+    full, fp8 = (generate.kv_bytes(model, GenerationConfig(kv_cache=c)) for c in ("model", "fp8"))
+    assert full == 2 * 2 * 64 * 4 and fp8 == full // 4  # tiny model: 2 layers x width 64, fp32 -> 1 byte
+
+
 def test_batch_rows_on_cpu_and_when_given(model_tok):
     model, _ = model_tok
     lengths = [900, 500, 20] + [10] * 9
@@ -195,6 +230,7 @@ def test_batch_rows_on_cpu_and_when_given(model_tok):
     ("evaluate.generation.fast=always", "'evaluate.generation.fast' = 'always' is not one of 'auto', True, False"),
     ("evaluate.generation.fast_batch_size=-1", "must be >= 0"),
     ("evaluate.generation.refill_tokens=0", "must be >= 1"),
+    ("evaluate.generation.kv_cache=fp16", "'evaluate.generation.kv_cache' = 'fp16' is not one of 'model', 'fp8'"),
     ("evaluate.generation.bucket_tokens=128", "removed: the fast path's slots read only their own tokens"),
 ])
 def test_fast_path_keys_are_validated_at_load(tmp_path, override, message):

@@ -419,6 +419,13 @@ class GenerationConfig:
     """Slots decoded together on the fast path; 0: as many of the longest prompts as free GPU memory holds (KV bytes
     per token x (prompt + max_new_tokens) each, at most 512), evened out over the waves needed, or `batch_size` on
     CPU."""
+    kv_cache: Literal["model", "fp8"] = "model"
+    """Fast path: the slots' KV-cache dtype. model: the model's own. fp8: float8 e4m3, clamped to +-448 and not
+    scaled (as vLLM's fp8 cache without calibration): half the bytes per token, so about twice the slots in the same
+    memory and half the bytes read by each decode step's attention; answers part from the model-dtype cache's
+    sooner (benchmarks/README.md, Generation, gives the measured agreement). Fast where llmft's Triton decode kernel
+    runs (a GPU with fp8 conversions: compute capability 8.9 or later, e.g. L4, H100); elsewhere decode steps read
+    it through sdpa, correct but slower than the model-dtype cache."""
     refill_tokens: int = 32
     """Fast path: decode steps between two reads of the new tokens by the host. After each read, rows that reached
     EOS or max_new_tokens leave and queued prompts take their slots. Smaller frees slots sooner (a row that ends

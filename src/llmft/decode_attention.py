@@ -6,6 +6,8 @@ row per slot, so 127 of the 128 rows are wasted multiply-adds: on an H100 (rando
 reading the cache. FlashAttention's decode kernels (split-KV, or FA4's decode kernels) are not reachable from torch
 2.11 on Hopper. This kernel reads each slot's keys and values once, in blocks, and computes the one row with plain
 fused multiply-adds and an online softmax (Triton, which torch's CUDA builds ship): it is bound by reading the cache.
+It also reads an fp8 cache (`evaluate.generation.kv_cache: fp8`), which FlashAttention cannot: half the bytes.
+benchmarks/decode_attention_bench.py times it against FA2 over BLOCK_N and WARPS.
 """
 from __future__ import annotations
 
@@ -15,24 +17,32 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def fits(q, kv_heads: int) -> bool:
-    """Whether the kernel runs for these queries: on a CUDA GPU with the triton package, head dim a power of 2, and
-    its self-check passed there (once per process and shape: it compiles the kernel and compares it with sdpa)."""
+BLOCK_N = 64
+"""Cache tokens a program reads per iteration (keys and values of one KV head)."""
+WARPS = 4
+"""Warps per program (one program: one slot x one query head)."""
+
+
+def fits(q, k_cache) -> bool:
+    """Whether the kernel runs for these queries and this cache: on a CUDA GPU with the triton package, head dim a
+    power of 2, and its self-check passed there (once per process and shape: it compiles the kernel and compares it
+    with sdpa over the same cache values)."""
     dim = q.shape[-1]
-    return q.is_cuda and dim & (dim - 1) == 0 and _triton() and _checked(q.device, q.dtype, q.shape[1], kv_heads, dim)
+    return (q.is_cuda and dim & (dim - 1) == 0 and _triton()
+            and _checked(q.device, q.dtype, k_cache.dtype, q.shape[1], k_cache.shape[1], dim))
 
 
 @functools.cache
-def _checked(device, dtype, heads: int, kv_heads: int, dim: int) -> bool:
+def _checked(device, dtype, cache_dtype, heads: int, kv_heads: int, dim: int) -> bool:
     """Run the kernel on random slots of 1 to 300 tokens and compare with sdpa; on any failure or mismatch log why
-    and answer False, so decode steps take torch's FlashAttention instead of failing."""
+    and answer False, so decode steps take torch's FlashAttention (or sdpa, for an fp8 cache) instead of failing."""
     import torch
 
     try:
         g = torch.Generator(device=device).manual_seed(0)
         used = torch.tensor([1, 37, 300, 64], dtype=torch.int32, device=device)
         starts = torch.tensor([0, 1, 38, 338, 402], dtype=torch.int32, device=device)
-        k, v = (torch.randn(402, kv_heads, dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(402, kv_heads, dim, generator=g, device=device).to(cache_dtype) for _ in range(2))
         q = torch.randn(4, heads, dim, generator=g, device=device, dtype=dtype)
         out = attend(q, k, v, starts, used)
         worst = 0.0 if bool(torch.isfinite(out).all()) else float("inf")
@@ -44,10 +54,9 @@ def _checked(device, dtype, heads: int, kv_heads: int, dim: int) -> bool:
             worst = max(worst, float((out[j].float() - ref).abs().max()))
         if worst < 0.02:
             return True
-        log.warning("llmft's decode attention kernel is off by %.3g against sdpa here: using torch's FlashAttention",
-                    worst)
-    except Exception as e:  # noqa: BLE001 - any failure to compile or run: the FlashAttention path still works
-        log.warning("llmft's decode attention kernel does not run here (%s: %s): using torch's FlashAttention",
+        log.warning("llmft's decode attention kernel is off by %.3g against sdpa here: using torch's kernels", worst)
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run: torch's kernels still work
+        log.warning("llmft's decode attention kernel does not run here (%s: %s): using torch's kernels",
                     type(e).__name__, str(e)[:300])
     return False
 
@@ -82,11 +91,11 @@ def _kernel():
             inside = offs < n
             at = (start + offs)[:, None] * stride_kt + kv * stride_kh + d[None, :]
             k = tl.load(K + at, mask=inside[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + at, mask=inside[:, None], other=0.0).to(tl.float32)  # issued with k's: both in flight
             scores = tl.where(inside, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new)
-            v = tl.load(V + at, mask=inside[:, None], other=0.0).to(tl.float32)
             total = total * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m = m_new
@@ -95,9 +104,11 @@ def _kernel():
     return decode
 
 
-def attend(q, k_cache, v_cache, starts, used, scale: float | None = None, block: int = 64):
-    """q [slots, H, D]; k_cache, v_cache [cache tokens, KV heads, D] (slots end to end); slot j reads tokens
-    starts[j] .. starts[j] + used[j] - 1. Returns [slots, H, D] in q's dtype. No host sync: CUDA graphs record it."""
+def attend(q, k_cache, v_cache, starts, used, scale: float | None = None, block: int | None = None,
+           warps: int | None = None):
+    """q [slots, H, D]; k_cache, v_cache [cache tokens, KV heads, D] (slots end to end; q's dtype or fp8); slot j
+    reads tokens starts[j] .. starts[j] + used[j] - 1. Returns [slots, H, D] in q's dtype. No host sync: CUDA graphs
+    record it. `block`, `warps`: BLOCK_N and WARPS unless given."""
     import torch
 
     q = q.contiguous()
@@ -107,5 +118,5 @@ def attend(q, k_cache, v_cache, starts, used, scale: float | None = None, block:
     scale = dim ** -0.5 if scale is None else scale
     _kernel()[(rows, heads)](q, k_cache, v_cache, out, starts, used, scale, q.stride(0), q.stride(1),
                              k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
-                             GROUP=heads // kv_heads, D=dim, BLOCK_N=block)
+                             GROUP=heads // kv_heads, D=dim, BLOCK_N=block or BLOCK_N, num_warps=warps or WARPS)
     return out

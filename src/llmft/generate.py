@@ -132,10 +132,13 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     return outputs
 
 
-def kv_bytes(model) -> int:
-    """KV-cache bytes per token: 2 (K and V) x layers x KV heads x head dim x dtype bytes."""
+def kv_bytes(model, gen: GenerationConfig) -> int:
+    """KV-cache bytes per token: 2 (K and V) x layers x KV heads x head dim x the cache dtype's bytes."""
+    import torch
+
     layers, kv_heads, head_dim = slots.kv_shape(model)
-    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    size = torch.empty(0, dtype=slots.cache_dtype(gen, next(model.parameters()).dtype)).element_size()
+    return 2 * layers * kv_heads * head_dim * size
 
 
 def batch_rows(model, lengths: list[int], gen: GenerationConfig, cap: int = 512) -> int:
@@ -154,7 +157,7 @@ def batch_rows(model, lengths: list[int], gen: GenerationConfig, cap: int = 512)
     prefill = slots.PREFILL_TOKENS * (6 * c.intermediate_size + 8 * c.hidden_size) * size
     torch.cuda.empty_cache()  # caches freed but still reserved would count as used
     free, _ = torch.cuda.mem_get_info(device)
-    budget = (0.9 * free - prefill - 2 * 2**30) // kv_bytes(model)  # headroom: fragmentation, logits, graph pool
+    budget = (0.9 * free - prefill - 2 * 2**30) // kv_bytes(model, gen)  # headroom: fragmentation, logits, graph pool
     rows, used = 0, 0
     for n in lengths[:cap]:
         if rows and used + n + gen.max_new_tokens > budget:

@@ -31,7 +31,8 @@ PREFILL_TOKENS = 16384
 """Most prompt tokens one prefill forward reads (bounds its activations; more prompts wait for the next)."""
 DECODE_KERNEL = "auto"
 """The decode step's attention on a GPU: `flash` (torch's FlashAttention) or `auto`: llmft's Triton kernel
-(llmft/decode_attention.py) where it compiles and passes its self-check, else flash."""
+(llmft/decode_attention.py) where it compiles and passes its self-check, else flash. An fp8 cache (`kv_cache: fp8`)
+takes the Triton kernel either way (FlashAttention reads only the model's dtype), else sdpa."""
 USED = None
 """The decode-step attention the last decode step ran (triton, flash or sdpa): benchmarks record it."""
 GRAPH_MIN_STEPS = 64
@@ -51,6 +52,11 @@ def kv_shape(model) -> tuple[int, int, int]:
     c = model.config.get_text_config(decoder=True)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
+def cache_dtype(gen, model_dtype):
+    """The slots' KV dtype: the model's, or float8 e4m3 for `kv_cache: fp8`."""
+    return _t().float8_e4m3fn if gen.kv_cache == "fp8" else model_dtype
 
 
 class State:
@@ -85,11 +91,25 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     else:
         q, k, v = (t[:, :, 0] for t in (query, key, value))  # [slots, H, D]
-    k_cache.index_copy_(0, s.dest, k)
-    v_cache.index_copy_(0, s.dest, v)
+    _store(k_cache, s.dest, k)
+    _store(v_cache, s.dest, v)
     if s.prefill:
         return _prefill_attention(q, k, v, s, scaling).unsqueeze(0), None
     return _decode_attention(q, k_cache, v_cache, s, scaling).unsqueeze(1), None
+
+
+FP8_MAX = 448.0
+"""Largest float8_e4m3fn value: an fp8 cache stores keys/values clamped to it (a plain cast past it gives NaN)."""
+
+
+def _store(cache, dest, x) -> None:
+    """New keys or values x into the cache at flat indices dest: as they are, or for an fp8 cache clamped and rounded
+    to float8 e4m3 with no scale (as vLLM's fp8 cache without calibration), written as bytes (CPU torch has no fp8
+    index_copy_). Prefill attention reads the unrounded ones."""
+    if cache.dtype == x.dtype:
+        cache.index_copy_(0, dest, x)
+    else:
+        cache.view(_t().uint8).index_copy_(0, dest, x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype).view(_t().uint8))
 
 
 def _flash(t) -> bool:
@@ -131,10 +151,10 @@ def _decode_attention(q, k_cache, v_cache, s: State, scale):
     """Each slot's query attends to its slot's first `used` tokens."""
     t = _t()
     global USED
-    if _flash(q) and DECODE_KERNEL != "flash" and decode_attention.fits(q, k_cache.shape[1]):
+    if _flash(q) and (DECODE_KERNEL != "flash" or k_cache.dtype != q.dtype) and decode_attention.fits(q, k_cache):
         USED = "triton"
         return decode_attention.attend(q, k_cache, v_cache, s.cu_k, s.used, scale)
-    if _flash(q) and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
+    if _flash(q) and k_cache.dtype == q.dtype and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
         USED = "flash"
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
                                                    False, scale=scale, seqused_k=s.used)[0]
@@ -143,7 +163,7 @@ def _decode_attention(q, k_cache, v_cache, s: State, scale):
         pos = t.arange(s.max_cap, device=q.device)
         s.pos = pos
         s.gather = (s.cu_k[:-1, None].long() + pos[None, :]).clamp(max=k_cache.shape[0] - 1)
-    k, v = (c[s.gather].transpose(1, 2) for c in (k_cache, v_cache))  # [slots, KV heads, longest slot, D]
+    k, v = (c[s.gather].transpose(1, 2).to(q.dtype) for c in (k_cache, v_cache))  # [slots, KV heads, longest, D]
     mask = s.pos[None, :] < s.used[:, None]
     out = t.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
                                                        scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -178,7 +198,8 @@ class Decoder:
         p = next(model.parameters())
         self.device, rows = p.device, len(caps)
         layers, kv_heads, head_dim = kv_shape(model)
-        self.caches = [tuple(t.zeros(sum(caps), kv_heads, head_dim, dtype=p.dtype, device=p.device)
+        dtype = cache_dtype(gen, p.dtype)
+        self.caches = [tuple(t.zeros(sum(caps), kv_heads, head_dim, dtype=dtype, device=p.device)
                              for _ in range(2)) for _ in range(layers)]
         self.first = [0, *itertools.accumulate(caps[:-1])]  # each slot's first flat index
         self.state = State(self.caches, self.first, caps, p.device)
