@@ -269,8 +269,9 @@ def answers(args):
         model = get_peft_model(model, lora).eval()
     counter = Counter(model, tok)
     data = json.loads(Path(args.prompts).read_text())
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, fast=True)
-    res = {**environment(), "side": args.side, "max_new_tokens": args.max_new_tokens, "parts": []}
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, fast=True, kv_cache=args.kv_cache)
+    res = {**environment(), "side": args.side, "max_new_tokens": args.max_new_tokens, "kv_cache": args.kv_cache,
+           "parts": []}
 
     def part(name, texts):
         ps = [render_prompt("alpaca", turns) for turns in texts]
@@ -328,6 +329,8 @@ def main():
     sub.choices["answers"].add_argument("--side", choices=["base", "tuned"], default="base")
     sub.choices["answers"].add_argument("--unmerged", action="store_true", help="tuned: keep the adapter unmerged")
     sub.choices["answers"].add_argument("--prompts", default=".bench/answer_set.json")
+    sub.choices["answers"].add_argument("--kv-cache", choices=["model", "fp8"], default="model",
+                                        help="evaluate.generation.kv_cache")
     sub.choices["answers"].add_argument("--max-new-tokens", type=int, default=1024)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_N = 64
 """Cache tokens a program reads per iteration (keys and values of one KV head)."""
-WARPS = 4
+WARPS = 2
 """Warps per program (one program: one slot x one query head)."""
 
 
