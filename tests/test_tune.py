@@ -2,6 +2,7 @@
 best trial; a study killed mid-trial that resumes; two workers on a real PostgreSQL with a real MLflow server."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -110,6 +111,12 @@ def test_study_prunes_records_failures_and_promotes_the_best(project, tiny_model
     again = tune(cfg)
     assert len(load(cfg).trials) == 4 and again["registry"]["decision"] == "already_registered"
     assert "trial 0" in capsys.readouterr().out
+    # and logs the study's table again whole, not appended to the first one: one row per trial, listed once
+    client = MlflowClient(uri)
+    rows = client.load_table(parents[0].info.experiment_id, "study/trials.json", run_ids=[parents[0].info.run_id])
+    assert sorted(rows["number"]) == [0, 1, 2, 3]
+    tables = json.loads(client.get_run(parents[0].info.run_id).data.tags["mlflow.loggedArtifacts"])
+    assert tables == [{"path": "study/trials.json", "type": "table"}]
 
 
 @pytest.mark.slow
@@ -216,6 +223,37 @@ def test_ctrl_c_leaves_no_run_running(project, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
+def test_storage_opens_when_another_worker_created_its_schema_first(tmp_path, monkeypatch):
+    """Two workers starting on an empty PostgreSQL database both create Optuna's schema: the slower one gets a
+    duplicate key, or "type ... already exists" when the other's CREATE committed just before its own. Then the
+    schema exists: it opens the storage again instead of failing. Any other database error fails at once."""
+    import optuna
+    from psycopg import errors
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    from llmft.tune import _rdb_storage
+
+    real, t = optuna.storages.RDBStorage, load_config(tmp_path / "none.yaml", []).tune
+    t.storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    raced = [ProgrammingError("CREATE TYPE studydirection AS ENUM ('NOT_SET', 'MINIMIZE', 'MAXIMIZE')", {},
+                              errors.DuplicateObject('type "studydirection" already exists')),
+             IntegrityError("CREATE TYPE trialstate AS ENUM (...)", {},
+                            errors.UniqueViolation('duplicate key value violates unique constraint "pg_type_typname_nsp_index"'))]
+
+    def racing(*a, **kw):
+        if raced:
+            raise raced.pop(0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert isinstance(_rdb_storage(t), real) and not raced
+    raced.append(ProgrammingError("SELECT studies.study_id FROM studies", {},
+                                  errors.UndefinedTable('relation "studies" does not exist')))
+    with pytest.raises(LlmftError, match='cannot open .*relation "studies" does not exist'):
+        _rdb_storage(t)
+    assert not raced  # tried once
+
+
 def _as_postgres(cmd: list[str], **kw):
     """PostgreSQL refuses to run as root: run its tools as the postgres user when we are root."""
     if os.geteuid() == 0:
@@ -259,6 +297,39 @@ def mlflow_server(postgres, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_workers_tag_one_run_at_once(mlflow_server):
+    """Two workers finishing one study at the same moment both tag its run (the tables it lists), and two that
+    start together both tag a dead worker's run they close: MlflowClient.set_tag failed one of them, on the MLflow
+    server's PostgreSQL, with an IntegrityError on the tags table's key (key, run_uuid); set_shared_tag does not."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from llmft.tracking import set_shared_tag
+
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment("shared-tags")).info.run_id
+    errors = []
+
+    def tag(worker: MlflowClient, key: str, together: threading.Barrier) -> None:
+        together.wait()
+        try:
+            set_shared_tag(worker, run_id, key, "v")
+        except Exception as e:  # noqa: BLE001 - reported below, with the other worker's
+            errors.append(f"{type(e).__name__}: {e}")
+
+    for i in range(10):  # each round a key the run does not have yet, set by two workers at once
+        together = threading.Barrier(2)
+        threads = [threading.Thread(target=tag, args=(MlflowClient(mlflow_server), f"k{i}", together)) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors, "\n".join(errors)
+    assert {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith("k")} == {f"k{i}": "v" for i in range(10)}
+
+
+@pytest.mark.slow
 def test_two_workers_share_one_study_on_postgres(project, tiny_model_dir, postgres, mlflow_server):
     """Two `llmft tune` processes, one PostgreSQL storage, one MLflow server: every trial runs once, in
     one worker, with one MLflow run, and the study stops at n_trials."""
@@ -268,7 +339,8 @@ def test_two_workers_share_one_study_on_postgres(project, tiny_model_dir, postgr
             "tune.promote=false", "train.max_steps=4", "tune.sampler=random"]
     workers = [_tune_cli(project, tiny_model_dir, mlflow_server, *args) for _ in range(2)]
     outs = [w.communicate(timeout=900)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outs
+    for w, out in zip(workers, outs):  # a str message: pytest would cut a list's repr to 240 characters
+        assert w.returncode == 0, f"worker {w.pid} exited {w.returncode}; its output:\n{out}"
     study = optuna.load_study(study_name="pg", storage=f"{postgres}/optuna")
     trials = study.trials
     assert [t.state.name for t in trials].count("COMPLETE") == 4 and len(trials) == 4

@@ -11,10 +11,14 @@ import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, TrackingConfig
 from .errors import LlmftError
 from .io import write_atomic
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 # Keys that may hold secrets are never logged, whatever their source (an env var's *name* is fine).
 SECRET_KEYS = {"api_key", "apikey", "key", "token", "access_token", "hf_token", "secret", "password"}
@@ -92,6 +96,19 @@ def owner_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
+def set_shared_tag(client: MlflowClient, run_id: str, key: str, value: str) -> None:
+    """Set a tag on a run that another process may tag at the same moment (tune's study run, which every worker
+    finishes; a dead process's run, which every starting stage closes).
+
+    MlflowClient.set_tag is a SELECT, then an INSERT, in MLflow's SQL store: two processes setting a tag the run
+    does not have yet both INSERT, and the later one fails on the tags table's key (key, run_uuid) with an
+    IntegrityError (PostgreSQL: duplicate key value violates unique constraint "tag_pk"). log_batch writes tags
+    with an upsert that retries on that conflict, and then updates the row the other process inserted."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value)])
+
+
 def alive(pid) -> bool:
     """Whether a process of this machine with that id exists."""
     try:
@@ -122,7 +139,9 @@ def close_orphans(exp_id: str) -> list[str]:
         for model in client.search_logged_models([exp_id], f"source_run_id = '{run_id}'"):
             if str(getattr(model.status, "value", model.status)) == "PENDING":  # (a status filter finds none on SQLite)
                 client.finalize_logged_model(model.model_id, "FAILED")
-        client.set_tag(run_id, "llmft.interrupted", f"process {tags.get(PID_TAG)} on {here} ended with this run open")
+        # every stage starting on this machine closes it: two at once (tune workers) both tag it
+        set_shared_tag(client, run_id, "llmft.interrupted",
+                       f"process {tags.get(PID_TAG)} on {here} ended with this run open")
         client.set_terminated(run_id, "FAILED")
         closed.append(run_id)
     if closed:

@@ -84,12 +84,26 @@ def _safe_url(url: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the study
+# PostgreSQL's SQLSTATEs for a CREATE of what exists already: a type (Optuna's enums), a table or an index
+DUPLICATE_OBJECT, DUPLICATE_TABLE = "42710", "42P07"
+
+
+def _schema_race(e: Exception) -> bool:
+    """Whether `e` is what the slower of two workers creating Optuna's schema on an empty PostgreSQL database
+    gets: a duplicate key in the catalog (IntegrityError) when both CREATE at once, or "type ... already exists"
+    (ProgrammingError) when the other's CREATE committed between SQLAlchemy's check for it and its own CREATE."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    orig = getattr(e, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)  # psycopg 3, psycopg2
+    return isinstance(e, IntegrityError) or (isinstance(e, ProgrammingError)
+                                             and code in (DUPLICATE_OBJECT, DUPLICATE_TABLE))
+
+
 def _rdb_storage(t):
-    """Optuna's RDB storage. Two workers starting together on an empty database both create its tables, and
-    PostgreSQL fails the slower CREATE TABLE with a duplicate key (IntegrityError): the schema then exists,
-    so opening it again succeeds."""
+    """Optuna's RDB storage. Two workers starting together on an empty database both create its schema, and
+    PostgreSQL fails the slower one (_schema_race): the schema then exists, so opening it again succeeds."""
     import optuna
-    from sqlalchemy.exc import IntegrityError
 
     for attempt in range(3):
         try:
@@ -98,11 +112,10 @@ def _rdb_storage(t):
                 retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2, inherit_intermediate_values=True)
                 return optuna.storages.RDBStorage(t.storage, heartbeat_interval=t.heartbeat_s,
                                                   grace_period=2 * t.heartbeat_s, heartbeat_stale_trial_callback=retry)
-        except IntegrityError:
-            if attempt == 2:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-        except Exception as e:  # a bad URL, an unreachable server, a missing driver
+        except Exception as e:  # else a bad URL, an unreachable server, a missing driver
+            if attempt < 2 and _schema_race(e):
+                time.sleep(0.5 * (attempt + 1))
+                continue
             raise LlmftError(f"tune.storage: cannot open {_safe_url(t.storage)} ({type(e).__name__}: {str(e)[:300]})") from None
 
 
@@ -193,7 +206,7 @@ def _close_orphan_runs(study, cfg: Config) -> None:
             continue
         try:
             if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "optuna.state", "FAIL")
+                tracking.set_shared_tag(client, run_id, "optuna.state", "FAIL")  # workers starting together both do
                 client.set_terminated(run_id, "FAILED")
         except MlflowException:
             continue
@@ -428,7 +441,9 @@ def _log_study(cfg: Config, study, parent: str, table: list[dict], out_dir: Path
     import optuna
     import pandas as pd
     from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
+    from . import tracking
     from .io import write_atomic
 
     client = MlflowClient()
@@ -454,7 +469,15 @@ def _log_study(cfg: Config, study, parent: str, table: list[dict], out_dir: Path
             client.log_artifact(parent, str(path), "study")
     flat = [{**{k: v for k, v in r.items() if k != "params"}, **{f"param.{k}": v for k, v in r["params"].items()}}
             for r in table]
-    client.log_table(parent, pd.DataFrame(flat), "study/trials.json")
+    # MLflow's table format, listed in the run's mlflow.loggedArtifacts tag as client.log_table does, but written
+    # whole: log_table appends to the run's trials.json (a rerun of a finished study doubled its rows) and sets the
+    # tag with set_tag, which fails when two workers finish the study at once (tracking.set_shared_tag)
+    write_atomic(out_dir / "trials.json", pd.DataFrame(flat).to_json(orient="split", index=False, date_format="iso"))
+    client.log_artifact(parent, str(out_dir / "trials.json"), "study")
+    logged = json.loads(client.get_run(parent).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": "study/trials.json", "type": "table"}
+    if entry not in logged:
+        tracking.set_shared_tag(client, parent, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
     write_atomic(out_dir / "trials.md", format_trials(table))
     client.log_artifact(parent, str(out_dir / "trials.md"), "study")
 
