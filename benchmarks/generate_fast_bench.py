@@ -11,10 +11,11 @@ slots from free memory, both at --new-tokens (256); random weights almost never 
 all of them (new tokens are counted exactly). The fast path runs twice over the same prompts in one process: the
 first pass records the decode step's CUDA graph (no compile), the second is the steady figure. Then agreement: the fast
 path's answers to the plain run's 32 prompts, token for token; `--decode-kernels`: the fast path once per decode-step
-attention kernel (`auto`: llmft's Triton kernel on a GPU; `flash`: torch's FlashAttention); `--kv-caches model fp8`: once per KV-cache dtype
-(`evaluate.generation.kv_cache`: fp8 with the Triton kernel); `--generate-batch`: transformers' continuous batching
-over the fast run's prompts (warm-up run, then timed); the tiny fp32 model (fast must equal plain); `--smollm2 N`:
-real weights, the embedded SmolLM2 in bf16, plain against fast over N prompts (how many answers are identical).
+attention kernel (`auto`: llmft's Triton kernel on a GPU; `flash`: torch's FlashAttention); `--kv-caches model fp8`:
+once per KV-cache dtype (`evaluate.generation.kv_cache`: fp8 with the Triton kernel); `--generate-batch`:
+transformers' continuous batching over the fast run's prompts (warm-up run, then timed); the tiny fp32 model (fast
+must equal plain); `--smollm2 N`: real weights, the embedded SmolLM2 in bf16, plain against fast over N prompts (how
+many answers are identical, per KV-cache dtype of --kv-caches).
 `prompts` writes the answer set's prompt texts (AlpacaEval 805 + MT-Bench 80 x 2); `answers`: what `evaluate`
 generates with them, timed end to end: AlpacaEval's 805 prompts, MT-Bench turn 1 (80), then turn 2
 (80, each holding its turn-1 answer), at max_new_tokens 1024; `--side tuned` adds a random LoRA adapter

@@ -5,9 +5,11 @@ after it fits it too; the slots lie end to end in one flat cache per layer. A pr
 of its own tokens only (prompts entering together are packed into one row, FlashAttention's varlen layout), so rows
 already decoding are never read again. Every decode step runs all slots at once: each slot's new key/value goes to
 that slot's own next position, and attention reads each slot's own tokens and nothing else (llmft's Triton kernel,
-llmft/decode_attention.py, or torch's FlashAttention with `seqused_k`; `DECODE_KERNEL`). On a GPU the step is recorded once as a CUDA graph (eager kernels, replayed without Python or launch
-overhead; recording takes about a second, no compile) and replayed. Every `refill_tokens` steps the host reads the
-new tokens, retires rows that reached EOS or max_new_tokens, and prefills queued prompts into their slots.
+llmft/decode_attention.py, or torch's FlashAttention with `seqused_k`; `DECODE_KERNEL`). The cache holds the
+model's dtype or, with `kv_cache: fp8`, float8 e4m3 (half the bytes). On a GPU the step is recorded once as a CUDA
+graph (eager kernels, replayed without Python or launch overhead; recording takes about a second, no compile).
+Every `refill_tokens` steps the host reads the new tokens, retires rows that reached EOS or max_new_tokens, and
+prefills queued prompts into their slots.
 
 The model runs its own forward with transformers' attention interface pointed at `attention` below (no mask is built
 for it) and no transformers cache: the slots' KV tensors are ours. Decoder-only models whose attention modules take
@@ -154,7 +156,8 @@ def _decode_attention(q, k_cache, v_cache, s: State, scale):
     if _flash(q) and (DECODE_KERNEL != "flash" or k_cache.dtype != q.dtype) and decode_attention.fits(q, k_cache):
         USED = "triton"
         return decode_attention.attend(q, k_cache, v_cache, s.cu_k, s.used, scale)
-    if _flash(q) and k_cache.dtype == q.dtype and _seqused_k():  # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
+    if _flash(q) and k_cache.dtype == q.dtype and _seqused_k():
+        # slot j's keys start at cu_k[j]; seqused_k: read only the slot's own tokens
         USED = "flash"
         return t.ops.aten._flash_attention_forward(q, k_cache, v_cache, s.cu_q, s.cu_k, 1, s.max_cap, 0.0, False,
                                                    False, scale=scale, seqused_k=s.used)[0]
