@@ -5,7 +5,8 @@ llmft's Triton kernel (llmft/decode_attention.py) over its block sizes and warps
     python benchmarks/decode_attention_bench.py --slots 256 --tokens 235 --blocks 32 64 128 --warps 2 4 8
 
 Llama-2-7B's attention (32 heads of 128, no GQA): --slots slots end to end in one flat cache, each reading a length
-drawn uniformly from [tokens/2, 3 tokens/2] (the speed run's 512 Dolly prompts + 256 new tokens average about 235).
+drawn uniformly from [tokens/2, 3 tokens/2] (235: an earlier decode-step profile's shape; the speed run's slots read
+more, about 264 on average over its 512 prompts and about 435 in its first wave of the 171 longest).
 Each kernel runs --iters times after a warm-up, timed with CUDA events; GB/s counts the keys and values read once.
 Every row's output is compared with sdpa over the same cache values (max abs error). A GPU only: Triton compiles
 for it.

@@ -36,11 +36,12 @@ for heads, kv_heads, dim, cache in cases:
             q[j][:, None], k[a:a + n].transpose(0, 1).float(), v[a:a + n].transpose(0, 1).float(),
             enable_gqa=heads != kv_heads)
         worst = max(worst, float((out[j] - ref[:, 0]).abs().max()))
-passed = da._checked(torch.device(dev), torch.float32, torch.float32, 9, 3, 64)
+passed = (da._checked(torch.device(dev), torch.float32, torch.float32, 9, 3, 64)
+          and da._checked(torch.device(dev), torch.float32, torch.float8_e4m3fn, 9, 3, 64))
 da._checked.cache_clear()
 real = da.attend
 da.attend = lambda *a, **k: real(*a, **k) * 0.5  # a wrong kernel must fail the self-check
-print(worst, passed, da._checked(torch.device(dev), torch.float32, torch.float32, 9, 3, 64))
+print(worst, passed, da._checked(torch.device(dev), torch.float32, torch.float8_e4m3fn, 9, 3, 64))
 """
 
 

@@ -1,6 +1,8 @@
 """The fast generation path (llmft/slots.py: slots refilled as rows finish) answers exactly as plain batches do."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llmft import generate, models, slots, templates
@@ -212,10 +214,36 @@ def test_an_fp8_cache_is_read_as_the_rounded_keys_and_values(model_tok, monkeypa
     assert same == plain and fp8 == emulated and fp8 != plain
 
 
-def test_an_fp8_cache_takes_half_the_bytes(model_tok):
+def test_an_fp8_cache_takes_a_byte_a_value(model_tok):
     model, _ = model_tok
     full, fp8 = (generate.kv_bytes(model, GenerationConfig(kv_cache=c)) for c in ("model", "fp8"))
     assert full == 2 * 2 * 64 * 4 and fp8 == full // 4  # tiny model: 2 layers x width 64, fp32 -> 1 byte
+
+
+def test_an_fp8_cache_is_never_given_to_flash_attention(model_tok, monkeypatch):
+    """FlashAttention reads only the model's dtype: with it on offer (stood in for on CPU) and the Triton kernel
+    not, a model-dtype cache takes it and an fp8 cache goes to sdpa."""
+    model, tok = model_tok
+    calls = []
+    monkeypatch.setattr(slots, "_flash", lambda t: True)
+    monkeypatch.setattr(slots, "_seqused_k", lambda: True)
+    monkeypatch.setattr(slots.decode_attention, "fits", lambda q, k: False)
+
+    def flash(q, k, *a, **kw):  # FlashAttention's signature; records the cache dtype it was handed
+        calls.append(k.dtype)
+        raise RuntimeError("stand-in")
+
+    import torch
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", flash, raising=False)
+    prompts = _prompts()[:2]
+    gen = GenerationConfig(max_new_tokens=4, fast=True, fast_batch_size=2, kv_cache="fp8")
+    monkeypatch.setattr(slots, "_prefill_attention", lambda q, k, v, s, scale: q)  # prefill: not under test here
+    generate.generate(model, tok, prompts, gen, progress=False)
+    assert slots.USED == "sdpa" and calls == []
+    with pytest.raises(RuntimeError, match="stand-in"):
+        generate.generate(model, tok, prompts, dataclasses.replace(gen, kv_cache="model"), progress=False)
+    assert calls == [torch.float32]
 
 
 def test_batch_rows_on_cpu_and_when_given(model_tok):

@@ -421,11 +421,12 @@ class GenerationConfig:
     CPU."""
     kv_cache: Literal["model", "fp8"] = "model"
     """Fast path: the slots' KV-cache dtype. model: the model's own. fp8: float8 e4m3, clamped to +-448 and not
-    scaled (as vLLM's fp8 cache without calibration): half the bytes per token, so about twice the slots in the same
-    memory and half the bytes read by each decode step's attention; answers part from the model-dtype cache's
-    sooner (benchmarks/README.md, Generation, gives the measured agreement). Fast where llmft's Triton decode kernel
-    runs (a GPU with fp8 conversions: compute capability 8.9 or later, e.g. L4, H100); elsewhere decode steps read
-    it through sdpa, correct but slower than the model-dtype cache."""
+    scaled (as vLLM's fp8 cache without calibration): half a bf16 cache's bytes per token, so about twice the slots
+    in the same memory and half the bytes read by each decode step's attention; answers part from the model-dtype
+    cache's sooner (benchmarks/README.md, Generation, gives the measured agreement). On a GPU it needs a bf16/fp16
+    model and llmft's Triton decode kernel (fp8 conversions: compute capability 8.9 or later, e.g. L4, H100);
+    elsewhere on a GPU the cache keeps the model's dtype, with a log line. On CPU sdpa reads it (slow; tests).
+    Plain batches (fast: false) ignore it."""
     refill_tokens: int = 32
     """Fast path: decode steps between two reads of the new tokens by the host. After each read, rows that reached
     EOS or max_new_tokens leave and queued prompts take their slots. Smaller frees slots sooner (a row that ends

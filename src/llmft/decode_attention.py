@@ -24,12 +24,16 @@ WARPS = 2
 
 
 def fits(q, k_cache) -> bool:
-    """Whether the kernel runs for these queries and this cache: on a CUDA GPU with the triton package, head dim a
-    power of 2, and its self-check passed there (once per process and shape: it compiles the kernel and compares it
-    with sdpa over the same cache values)."""
-    dim = q.shape[-1]
-    return (q.is_cuda and dim & (dim - 1) == 0 and _triton()
-            and _checked(q.device, q.dtype, k_cache.dtype, q.shape[1], k_cache.shape[1], dim))
+    """Whether the kernel runs for these queries [slots, heads, dim] and this cache [tokens, KV heads, dim]."""
+    return runs(q.device, q.dtype, k_cache.dtype, q.shape[1], k_cache.shape[1], q.shape[-1])
+
+
+def runs(device, dtype, cache_dtype, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether the kernel runs for these shapes: on a CUDA device with the triton package, head dim a power of 2,
+    and its self-check passed there (once per process and shape: it compiles the kernel and compares it with sdpa
+    over the same cache values)."""
+    return (device.type == "cuda" and dim & (dim - 1) == 0 and _triton()
+            and _checked(device, dtype, cache_dtype, heads, kv_heads, dim))
 
 
 @functools.cache

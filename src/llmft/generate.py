@@ -5,6 +5,7 @@ Used in process by `evaluate` and `ask` and inside the served MLflow model, so a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -55,6 +56,8 @@ def generate(model, tok, prompts: list[str], gen: GenerationConfig, desc: str = 
     device = next(model.parameters()).device
     # auto: the fast path on a GPU (which takes the plain one itself where it cannot run: _generate_fast)
     fast = gen.fast if gen.fast != "auto" else device.type == "cuda"
+    if not fast and gen.kv_cache != "model":
+        log.info("kv_cache %s is the fast path's; plain batches keep the model's dtype", gen.kv_cache)
     # A prompt longer than the model's context (a 1 MB instruction in the test split) asked sdpa for a 40 GB mask
     # and killed evaluate after training. Keep the end of such a prompt (where the template's answer cue is),
     # as much of it as fits with the answer; shorter prompts are untouched.
@@ -116,6 +119,9 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
     if why:
         log.info("the fast path does not run here (%s); plain batches instead", why)
         return _generate_plain(model, tok, prompts, gen, limit, seed, bar)
+    if gen.kv_cache == "fp8" and inner.device.type == "cuda" and not slots.fp8_reads_fast(inner):
+        log.info("kv_cache fp8: llmft's Triton decode kernel does not run here; the cache keeps the model's dtype")
+        gen = dataclasses.replace(gen, kv_cache="model")
     # longest first: a slot holds its first prompt + max_new_tokens, so every prompt queued after it fits a freed slot
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     rows = batch_rows(model, [len(ids[i]) for i in order], gen)

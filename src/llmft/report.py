@@ -258,6 +258,8 @@ def _evaluation(doc: _Doc) -> list:
     g = e["generation"]
     decoding = ("greedy decoding" if not g.get("temperature") else
                 f"sampling at temperature {g['temperature']}, top-p {g.get('top_p')}")
+    if g.get("kv_cache") == "fp8":  # answers part from the model-dtype cache's sooner: the reader should know
+        decoding += ", keys and values cached in fp8"
     judges = sorted({row["judge"] for row in r["eval"].values() if row.get("judge")})
     judge = (f"Judged metrics use <b>{pdf.esc(', '.join(judges))}</b> as the judge." if judges else
              "No judge was configured, so no judged benchmark ran." if not e["judge"] else

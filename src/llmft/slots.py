@@ -61,6 +61,18 @@ def cache_dtype(gen, model_dtype):
     return _t().float8_e4m3fn if gen.kv_cache == "fp8" else model_dtype
 
 
+def fp8_reads_fast(model) -> bool:
+    """Whether decode steps read an fp8 cache with llmft's Triton kernel on this model's GPU (a half-precision model,
+    the kernel compiled and self-checked there). Elsewhere on a GPU sdpa would read it through padded bf16 copies of
+    every slot, which can take more memory than the fp8 cache saves."""
+    p = next(model.parameters())
+    if not _flash(p):
+        return False
+    c = model.config.get_text_config(decoder=True)
+    _, kv_heads, head_dim = kv_shape(model)
+    return decode_attention.runs(p.device, p.dtype, _t().float8_e4m3fn, c.num_attention_heads, kv_heads, head_dim)
+
+
 class State:
     """What one forward tells the attention function: the caches, and where this forward's tokens go."""
 
@@ -108,10 +120,10 @@ def _store(cache, dest, x) -> None:
     """New keys or values x into the cache at flat indices dest: as they are, or for an fp8 cache clamped and rounded
     to float8 e4m3 with no scale (as vLLM's fp8 cache without calibration), written as bytes (CPU torch has no fp8
     index_copy_). Prefill attention reads the unrounded ones."""
-    if cache.dtype == x.dtype:
-        cache.index_copy_(0, dest, x)
-    else:
+    if cache.dtype == _t().float8_e4m3fn:
         cache.view(_t().uint8).index_copy_(0, dest, x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype).view(_t().uint8))
+    else:
+        cache.index_copy_(0, dest, x)
 
 
 def _flash(t) -> bool:
