@@ -129,13 +129,13 @@ def speed(args):
         gen = GenerationConfig(max_new_tokens=args.new_tokens, fast=True, fast_batch_size=fb, kv_cache=kv)
         p = repeat(rows, n_prompts)
         lengths = sorted((len(x) for x in tok(p).input_ids), reverse=True)
-        rows_ = batch_rows(model, lengths, gen)
+        n_slots = batch_rows(model, lengths, gen)
         # the first pass records the decode step's CUDA graph (and warms cuBLAS); the second is the steady figure
         out1, r1 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         out2, r2 = timed(lambda: generate(model, tok, p, gen, progress=False), counter)
         record({"path": "fast", "decode_kernel": kernel, "kv_cache": kv, "decode_attention_ran": slots.USED,
-                "fast_batch_size": fb, "slots": rows_,
-                "cache_tokens": sum(lengths[:rows_]) + rows_ * args.new_tokens, "prompts": n_prompts,
+                "fast_batch_size": fb, "slots": n_slots,
+                "cache_tokens": sum(lengths[:n_slots]) + n_slots * args.new_tokens, "prompts": n_prompts,
                 "first_pass": r1, **r2, "passes_equal": out1 == out2})
         if kv == "model":
             fast_out = fast_out or out2[:32]
@@ -188,7 +188,7 @@ def generate_batch(model, tok, prompts: list[str], new_tokens: int, counter) -> 
 def smollm2_check(args, rows: list[str]) -> dict:
     """Real weights: the embedded SmolLM2-135M-Instruct in bf16 on the GPU, greedy, plain generate (batch 32) against
     the fast path over the same Dolly prompts: how many answers are identical, and where the others part."""
-    from llmft import models
+    from llmft import models, slots
     from llmft.config import GenerationConfig
     from llmft.generate import generate
 
@@ -202,16 +202,10 @@ def smollm2_check(args, rows: list[str]) -> dict:
         parted = sorted(first_difference(tok, x, y) for x, y in zip(plain, fast) if x != y)
         same = len(p) - len(parted)
         res[kv if kv == "fp8" else "bf16"] = {
-            "kv_cache": kv, "decode_attention_ran": slots_used(), "identical": same,
+            "kv_cache": kv, "decode_attention_ran": slots.USED, "identical": same,
             "identical_rate": round(same / len(p), 3),
             "parted_at_token_median": parted[len(parted) // 2] if parted else None}
     return res
-
-
-def slots_used():
-    from llmft import slots
-
-    return slots.USED
 
 
 def repeat(rows: list, n: int) -> list:

@@ -140,11 +140,8 @@ def _generate_fast(model, tok, prompts, gen, limit, seed, bar) -> list[str]:
 
 def kv_bytes(model, gen: GenerationConfig) -> int:
     """KV-cache bytes per token: 2 (K and V) x layers x KV heads x head dim x the cache dtype's bytes."""
-    import torch
-
     layers, kv_heads, head_dim = slots.kv_shape(model)
-    size = torch.empty(0, dtype=slots.cache_dtype(gen, next(model.parameters()).dtype)).element_size()
-    return 2 * layers * kv_heads * head_dim * size
+    return 2 * layers * kv_heads * head_dim * slots.cache_dtype(gen, next(model.parameters()).dtype).itemsize
 
 
 def batch_rows(model, lengths: list[int], gen: GenerationConfig, cap: int = 512) -> int:

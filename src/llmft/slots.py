@@ -113,7 +113,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 
 FP8_MAX = 448.0
-"""Largest float8_e4m3fn value: an fp8 cache stores keys/values clamped to it (a plain cast past it gives NaN)."""
+"""Largest float8_e4m3fn value: an fp8 cache clamps keys/values to it before the cast (e4m3fn has no infinity, so a
+cast that does not saturate would make NaN of a larger value)."""
 
 
 def _store(cache, dest, x) -> None:
