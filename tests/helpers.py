@@ -208,10 +208,12 @@ def make_adapter(base: Path, out: Path, seed: int, untrained: bool = False) -> P
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # A too: PEFT draws it from the global RNG, whatever ran before
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name and not untrained:
+            if "lora_A" in name:
+                p.copy_(torch.empty(p.shape).uniform_(-1, 1, generator=gen) / p.shape[1] ** 0.5)
+            elif "lora_B" in name and not untrained:
                 p.copy_(torch.randn(p.shape, generator=gen))
     model.save_pretrained(out)
     return out

@@ -98,11 +98,16 @@ def _remote_answers(cfg: Config, source: str, rows: list[dict]) -> list[str]:
 
 
 def side_by_side(rows: list[dict], left: str, right: str, width: Optional[int] = None) -> str:
-    """Each prompt, then its two answers in two columns that fit the terminal."""
+    """Each prompt, then its two answers in two columns that fit the terminal. Column titles too long for their
+    column (a model's path) are printed whole above the table, never cut."""
     width = width or shutil.get_terminal_size((120, 40)).columns
     col = max(20, (width - 3) // 2)
     rule = "─" * (2 * col + 3)
-    lines = [rule, f"{left[:col]:<{col}} │ {right[:col]}", rule]
+    if len(left) <= col and len(right) <= col:
+        lines = [rule, f"{left:<{col}} │ {right}", rule]
+    else:
+        names = [t.split(":", 1)[0] for t in (left, right)]
+        lines = [left, right, rule, f"{names[0]:<{col}} │ {names[1]}", rule]
     for i, r in enumerate(rows, 1):
         lines += textwrap.wrap(f"[{i}] {r['instruction']}", 2 * col + 3) or [""]
         a = _wrap(r["base"], col)
