@@ -71,7 +71,7 @@ pipeline: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not long" --durations=10   # the slowest tests: CI must stay well under 30 min
 
-# The unit tests, for the edit-test loop (about 2 min on 2 cores): no `slow` (end to end, several processes) nor `long`.
+# The unit tests, for the edit-test loop (about 8 min on 2 cores): no `slow` (end to end, several processes) nor `long`.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not long"
 

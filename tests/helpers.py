@@ -200,8 +200,8 @@ def tiny_llama(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **
 
 
 def make_adapter(base: Path, out: Path, seed: int, untrained: bool = False) -> Path:
-    """A LoRA adapter with random non-zero B matrices (B=0 at init would make it a no-op); `untrained` keeps PEFT's
-    initialisation, B = 0: an adapter that changes nothing, as one saved before any training step."""
+    """A LoRA adapter with random non-zero B matrices (B=0 at init would make it a no-op), A and B drawn from `seed`;
+    `untrained` keeps PEFT's B = 0: an adapter that changes nothing, as one saved before any training step."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -297,7 +297,7 @@ def test_curve_starts_at_the_untrained_adapter(tmp_path, tiny_model_dir, process
 def test_fp8_trains_close_to_full_precision(tmp_path, tiny_model_dir, processed, tracking_uri, capsys):
     """train.fp8 on the CPU (FP8 GEMMs emulated): every frozen projection converted, the adapter learns, and the
     curve stays within a few % of the same run without it, though not equal to it. Short rows in small batches:
-    CPU torch's FP8 matmul is a slow reference (~90 ms for a 512 x 64 by 64 x 172 product)."""
+    CPU torch's FP8 matmul is a slow reference (70-120 ms for one 512 x 64 by 64 x 128 product)."""
     small = {"train.max_length": 64, "train.batch_size": 2}
     full = run_train(tmp_path / "full", tiny_model_dir, processed, tracking_uri, **small)
     capsys.readouterr()
